@@ -1,0 +1,44 @@
+# Two commands do all the set-up: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+# The demo and the tests use the real Llama-3 tokenizer, built offline into this cache.
+export PROLONG_LIT_CACHE ?= $(CURDIR)/.cache/prolong_lit
+
+.PHONY: venv tokenizer demo demo-data demo-train test test-fast lint bench clean
+
+# pip would otherwise replace the local CPU torch wheel by a 3 GB CUDA build (constraints.txt);
+# litdata drags in a CUDA torchvision that breaks `import lightning` beside a CPU torch, so it goes.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip uninstall -y -q torchvision || true
+	touch $@
+
+venv: $(VENV)/.installed
+
+tokenizer: venv
+	$(PY) -m prolong_lit tokenizer --output $(PROLONG_LIT_CACHE)/llama3-tokenizer
+
+demo-data: tokenizer
+	$(PY) -m prolong_lit prepare --config configs/data/demo.yaml --overwrite
+
+demo-train: venv
+	$(PY) -m prolong_lit fit --config configs/demo/pretrain.yaml
+
+demo: demo-data demo-train
+
+test: tokenizer
+	$(PY) -m pytest -q tests
+
+test-fast: tokenizer
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf runs data/demo .cache
