@@ -1,0 +1,55 @@
+"""Shared by the run-level tests: the demo config pointed at tiny data, and readers for what a run wrote."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DOMAINS = {"code_repos": 24, "prose": 24, "short": 24}
+SEQ_LEN = 128
+
+
+def demo_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int) -> Path:
+    """The demo pretrain config, pointed at tiny data and a run directory under tmp_path."""
+    config = yaml.safe_load((REPO / "configs/demo/pretrain.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(max_steps=max_steps, val_check_interval=4, limit_val_batches=2, log_every_n_steps=1)
+    trainer["logger"]["init_args"].update(save_dir=str(tmp_path / "runs"), name=run, version=0)
+    checkpoint, *others = trainer["callbacks"]
+    checkpoint["init_args"].update(dirpath=str(tmp_path / run / "checkpoints"), every_n_train_steps=2)
+    others.append(
+        {
+            "class_path": "prolong_lit.callbacks.sample_log.SampleIndexLog",
+            "init_args": {"dirpath": str(tmp_path / run / "samples")},
+        }
+    )
+    trainer["callbacks"] = [checkpoint, *others]
+    config["data"]["init_args"].update(data_dir=str(data_dir), seq_len=SEQ_LEN, val_samples_per_domain=2)
+    path = tmp_path / f"{run}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return scalars
+
+
+def final_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def seen_samples(samples_dir: Path) -> list[int]:
+    lines = (samples_dir / "rank0.jsonl").read_text().splitlines()
+    return [i for line in lines for i in json.loads(line)["sample_index"]]
