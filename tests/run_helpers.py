@@ -9,7 +9,7 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-DOMAINS = {"code_repos": 24, "prose": 24, "short": 24}
+DOMAINS = {"code_repos": 24, "prose": 24, "docstrings": 24}
 SEQ_LEN = 128
 
 

@@ -33,6 +33,8 @@ class DomainStats:
     has_loss_mask: bool = False
     # documents read, kept, and dropped per filter (e.g. {"read": 10, "kept": 7, "dropped_min_length": 3})
     documents: dict[str, int] = field(default_factory=dict)
+    # tokens read but not written, per cause (e.g. {"slice_remainder": 812} or {"final_partial_sample": 90})
+    dropped_tokens: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,233 @@
+"""Raw document sources for `prepare`: each yields the documents of one configured source as text.
+
+File sources (`path` required): `jsonl` (plain or `.gz`), `parquet`, `text` (one file = one document) and
+`repos` (each sub-directory of `path` is one code repository, read as ONE document: all its files
+concatenated, each after a path header, in sorted path order; no dependency order, as ProLong did to keep
+dependent files apart). Built-in sources (no `path`), from files every Python installation has:
+`python_stdlib_packages` (each top-level package of the standard library as a repository of *.py files),
+`pydoc_topics` (the help topics of `pydoc_data.topics`) and `python_docstrings` (module, class and function
+docstrings of the standard library, read with `ast`; no module is imported).
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import logging
+import sysconfig
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Written before every file of a repository document: `--- asyncio/base_events.py ---`.
+REPO_FILE_HEADER = "--- {path} ---\n"
+FILE_SOURCE_TYPES = ("jsonl", "parquet", "text", "repos")
+BUILTIN_SOURCE_TYPES = ("python_stdlib_packages", "pydoc_topics", "python_docstrings")
+SOURCE_TYPES = FILE_SOURCE_TYPES + BUILTIN_SOURCE_TYPES
+# Which files of a directory `path` a file source reads when `pattern` is not set (searched recursively).
+DEFAULT_PATTERNS = {"jsonl": "*.jsonl*", "parquet": "*.parquet", "text": "*.txt", "repos": "*"}
+
+
+@dataclass
+class SourceConfig:
+    """One source of raw documents.
+
+    Args:
+        type: jsonl | parquet | text | repos | python_stdlib_packages | pydoc_topics | python_docstrings.
+        path: a file or a directory (file sources); must be left unset for the built-in sources.
+        text_field: the field (jsonl) or column (parquet) holding the document text.
+        pattern: glob of the files read under a directory `path` (searched recursively; default per type:
+            *.jsonl* (plain or gzip), *.parquet, *.txt, and every file of a repository).
+        exclude: names to skip: repository directories (repos, python_stdlib_packages) or top-level standard
+            library modules/packages (python_docstrings).
+    """
+
+    type: str
+    path: str | None = None
+    text_field: str = "text"
+    pattern: str | None = None
+    exclude: list[str] = field(default_factory=list)
+
+
+def validate_source(source: SourceConfig, setting: str) -> None:
+    """Raise a clear error naming `setting` (e.g. `domains.books.sources[0]`) if the source is unusable.
+
+    Reads the first document, so an empty source (no documents) is found before any work starts.
+    """
+    if source.type not in SOURCE_TYPES:
+        raise ValueError(f"{setting}.type: unknown source type {source.type!r} (choose from {', '.join(SOURCE_TYPES)})")
+    if source.type in FILE_SOURCE_TYPES:
+        if not source.path:
+            raise ValueError(f"{setting}.path: a {source.type} source needs a path")
+        path = Path(source.path)
+        if not path.exists():
+            raise FileNotFoundError(f"{setting}.path: {source.path!r} does not exist")
+        if source.type == "repos" and not path.is_dir():
+            raise NotADirectoryError(f"{setting}.path: {source.path!r} must be a directory of repositories")
+    elif source.path is not None:
+        raise ValueError(f"{setting}.path: the built-in source {source.type} reads no path (got {source.path!r})")
+    if next(iter_documents(source, setting), None) is None:
+        where = f" at {source.path!r}" if source.path else ""
+        raise ValueError(f"{setting}: the {source.type} source{where} holds no documents")
+
+
+def iter_documents(source: SourceConfig, setting: str = "source") -> Iterator[str]:
+    """The documents of one source, in a deterministic order."""
+    readers: dict[str, Callable[[SourceConfig, str], Iterator[str]]] = {
+        "jsonl": _read_jsonl,
+        "parquet": _read_parquet,
+        "text": _read_text,
+        "repos": _read_repos,
+        "python_stdlib_packages": _read_stdlib_packages,
+        "pydoc_topics": _read_pydoc_topics,
+        "python_docstrings": _read_docstrings,
+    }
+    return readers[source.type](source, setting)
+
+
+def repository_document(repo_dir: Path, pattern: str = "*") -> str:
+    """All files of a repository matching `pattern`, each after its path header, in sorted path order.
+
+    Hidden files and directories (.git) and files that are not UTF-8 text (binaries) are skipped. Returns ""
+    for a repository without any such file.
+    """
+    parts = []
+    for path in _files(repo_dir, pattern):
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            log.debug("skipping %s: not UTF-8 text", path)
+            continue
+        if "\0" in text:  # decodes as UTF-8 but is binary
+            continue
+        if text and not text.endswith("\n"):
+            text += "\n"
+        parts.append(REPO_FILE_HEADER.format(path=path.relative_to(repo_dir.parent).as_posix()) + text)
+    return "".join(parts)
+
+
+def stdlib_dir() -> Path:
+    """The directory of the running Python's standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _files(path: Path, pattern: str) -> list[Path]:
+    """`path` itself if it is a file, else the non-hidden files under it matching `pattern`, sorted."""
+    if path.is_file():
+        return [path]
+    found = [p for p in path.rglob(pattern) if p.is_file()]
+    found = [p for p in found if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    return sorted(found, key=lambda p: p.relative_to(path).as_posix())
+
+
+def _pattern(source: SourceConfig) -> str:
+    return source.pattern or DEFAULT_PATTERNS[source.type]
+
+
+def _text_of(record: dict, source: SourceConfig, where: str, setting: str) -> str:
+    text = record.get(source.text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise ValueError(f"{setting}.text_field: {where} has no text field {source.text_field!r}")
+    return text
+
+
+def _read_jsonl(source: SourceConfig, setting: str) -> Iterator[str]:
+    for path in _files(Path(source.path), _pattern(source)):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if line.strip():
+                    yield _text_of(json.loads(line), source, f"{path} line {line_no}", setting)
+
+
+def _read_parquet(source: SourceConfig, setting: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    for path in _files(Path(source.path), _pattern(source)):
+        parquet = pq.ParquetFile(path)
+        if source.text_field not in parquet.schema_arrow.names:
+            raise ValueError(f"{setting}.text_field: {path} has no column {source.text_field!r}")
+        for batch in parquet.iter_batches(columns=[source.text_field], batch_size=1024):
+            yield from (text for text in batch.column(0).to_pylist() if text is not None)
+
+
+def _read_text(source: SourceConfig, setting: str) -> Iterator[str]:
+    for path in _files(Path(source.path), _pattern(source)):
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def _repositories(root: Path, exclude: list[str], only_packages: bool = False) -> list[Path]:
+    repos = []
+    for path in sorted(root.iterdir()):
+        if not path.is_dir() or path.name.startswith(".") or path.name in exclude:
+            continue
+        if only_packages and not (path / "__init__.py").is_file():
+            continue
+        repos.append(path)
+    return repos
+
+
+def _read_repos(source: SourceConfig, setting: str) -> Iterator[str]:
+    for repo in _repositories(Path(source.path), source.exclude):
+        document = repository_document(repo, _pattern(source))
+        if document:
+            yield document
+
+
+def _read_stdlib_packages(source: SourceConfig, setting: str) -> Iterator[str]:
+    # site-packages holds installed third-party code, not the standard library.
+    for package in _repositories(stdlib_dir(), ["site-packages", *source.exclude], only_packages=True):
+        document = repository_document(package, source.pattern or "*.py")
+        if document:
+            yield document
+
+
+def _read_pydoc_topics(source: SourceConfig, setting: str) -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        if topics[name].strip():
+            yield topics[name]
+
+
+def _read_docstrings(source: SourceConfig, setting: str) -> Iterator[str]:
+    root = stdlib_dir()
+    skip = {"site-packages", *source.exclude}
+    for path in _files(root, source.pattern or "*.py"):
+        top = path.relative_to(root).parts[0]
+        if top in skip or top.removesuffix(".py") in skip:
+            continue
+        yield from python_docstrings(path.read_bytes())
+
+
+def python_docstrings(code: bytes | str) -> Iterator[str]:
+    """Module, class and function docstrings of Python source (cleaned by `ast.get_docstring`), in `ast.walk`
+    order. Source that does not parse (the test suite's deliberately broken files) yields nothing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escape sequences in old code
+            tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in ast.walk(tree):
+        if isinstance(node, kinds):
+            docstring = ast.get_docstring(node, clean=True)
+            if docstring and docstring.strip():
+                yield docstring
+
+
+__all__ = [
+    "SOURCE_TYPES",
+    "REPO_FILE_HEADER",
+    "SourceConfig",
+    "iter_documents",
+    "python_docstrings",
+    "repository_document",
+    "stdlib_dir",
+    "validate_source",
+]

@@ -1,0 +1,161 @@
+"""Packing plans (slice and concat), the on-disk token store with optional loss masks, and the written samples
+read back with litdata. References are built independently from the flat token streams."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK
+from prolong_lit.data.packing import (
+    SampleBuilder,
+    TokenStore,
+    max_token_id,
+    plan_concat,
+    plan_slices,
+    shuffled_order,
+)
+
+
+def random_docs(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 1000, size=n).astype(np.int32) for n in lengths]
+
+
+def store_of(tmp_path, docs, masks=None):
+    store = TokenStore(tmp_path, "d")
+    for i, ids in enumerate(docs):
+        store.append(ids, None if masks is None else masks[i])
+    store.close()
+    return store
+
+
+def build_all(store, plan, seq_len):
+    builder = SampleBuilder(store.tokens_path, store.mask_path if store.has_mask else None, seq_len)
+    return [builder(spans) for spans in plan]
+
+
+def test_slices_are_consecutive_and_drop_the_remainder(tmp_path):
+    seq_len = 16
+    lengths = [50, 16, 15, 33, 64]  # 3 slices (2 dropped), 1, 0 (15 dropped), 2 (1 dropped), 4
+    docs = random_docs(lengths)
+    store = store_of(tmp_path, docs)
+    plan, dropped = plan_slices(store.starts, store.lengths, seq_len)
+    assert dropped == 2 + 15 + 1
+    expected = [doc[i * seq_len : (i + 1) * seq_len] for doc in docs for i in range(len(doc) // seq_len)]
+    samples = build_all(store, plan, seq_len)
+    assert len(samples) == len(expected) == 10
+    for sample, ref in zip(samples, expected):
+        np.testing.assert_array_equal(sample[INPUT_IDS], ref)
+        assert sample[DOC_LENGTHS].tolist() == [seq_len]  # one document per sample
+        assert sample[INPUT_IDS].dtype == np.int32 and sample[DOC_LENGTHS].dtype == np.int32
+
+
+def test_concat_carries_the_cut_tail_to_the_next_sample(tmp_path):
+    seq_len = 10
+    lengths = [4, 9, 3, 25, 2, 6]  # 49 tokens: 4 samples, 9 tokens in the final partial sample
+    docs = random_docs(lengths, seed=1)
+    store = store_of(tmp_path, docs)
+    order = [5, 0, 3, 1, 4, 2]
+    plan, dropped = plan_concat(store.starts, store.lengths, order, seq_len)
+    stream = np.concatenate([docs[i] for i in order])  # reference: the documents in order, cut every seq_len
+    assert dropped == len(stream) % seq_len == 9
+    samples = build_all(store, plan, seq_len)
+    assert len(samples) == len(stream) // seq_len == 4
+    for k, sample in enumerate(samples):
+        np.testing.assert_array_equal(sample[INPUT_IDS], stream[k * seq_len : (k + 1) * seq_len])
+        assert int(sample[DOC_LENGTHS].sum()) == seq_len
+    # doc 5 (6) + doc 0 (4) fill sample 0; doc 3 (25) fills samples 1 and 2 and its last 5 tokens open sample 3,
+    # which doc 1 completes (its other 4 tokens, doc 4 and doc 2 are the dropped partial sample)
+    assert [s[DOC_LENGTHS].tolist() for s in samples] == [[6, 4], [10], [10], [5, 5]]
+    # the tail of doc 3 (cut at the end of sample 2) is the first piece of sample 3
+    np.testing.assert_array_equal(samples[3][INPUT_IDS][:5], docs[3][20:25])
+
+
+def test_concat_every_document_boundary_is_kept(tmp_path):
+    seq_len = 32
+    lengths = np.random.default_rng(5).integers(1, 40, size=60).tolist()
+    docs = random_docs(lengths, seed=2)
+    store = store_of(tmp_path, docs)
+    order = shuffled_order(len(docs), seed=3, domain="web")
+    plan, dropped = plan_concat(store.starts, store.lengths, order, seq_len)
+    # reference boundaries: cumulative document ends in the shuffled stream, also cut at every seq_len
+    ends = np.cumsum([lengths[i] for i in order])
+    cuts = sorted(set(ends.tolist()) | set(range(seq_len, int(ends[-1]), seq_len)))
+    got = np.cumsum(np.concatenate([s[DOC_LENGTHS] for s in build_all(store, plan, seq_len)]))
+    assert got.tolist() == [c for c in cuts if c <= len(plan) * seq_len]
+    assert dropped == int(ends[-1]) - len(plan) * seq_len
+
+
+def test_shuffled_order_is_seeded_per_domain():
+    a = shuffled_order(100, seed=42, domain="web")
+    assert sorted(a.tolist()) == list(range(100))
+    assert a.tolist() == shuffled_order(100, seed=42, domain="web").tolist()
+    assert a.tolist() != shuffled_order(100, seed=43, domain="web").tolist()
+    assert a.tolist() != shuffled_order(100, seed=42, domain="web2").tolist()
+    assert a.tolist() != list(range(100))
+
+
+def test_loss_mask_rides_along(tmp_path):
+    seq_len = 8
+    docs = random_docs([5, 6, 7], seed=3)
+    masks = [None, np.array([0, 0, 1, 1, 1, 0], np.uint8), np.array([1, 0, 1, 0, 1, 0, 1], np.uint8)]
+    store = store_of(tmp_path, docs, masks)
+    assert store.has_mask  # the first document had none: it is backfilled with ones
+    plan, dropped = plan_concat(store.starts, store.lengths, [0, 1, 2], seq_len)
+    samples = build_all(store, plan, seq_len)
+    full_mask = np.concatenate([np.ones(5, np.uint8), masks[1], masks[2]])
+    for k, sample in enumerate(samples):
+        assert sample[LOSS_MASK].dtype == np.uint8
+        np.testing.assert_array_equal(sample[LOSS_MASK], full_mask[k * seq_len : (k + 1) * seq_len])
+    with pytest.raises(ValueError, match="loss mask of 2 tokens for a document of 3 tokens"):
+        TokenStore(tmp_path, "bad").append(np.zeros(3, np.int32), np.ones(2, np.uint8))
+
+
+def test_store_without_masks_writes_none(tmp_path):
+    store = store_of(tmp_path, random_docs([4, 4]))
+    assert not store.has_mask and not store.mask_path.exists()
+    assert LOSS_MASK not in build_all(store, plan_slices(store.starts, store.lengths, 4)[0], 4)[0]
+
+
+def test_sample_builder_pickles_without_its_memory_map(tmp_path):
+    store = store_of(tmp_path, random_docs([12]))
+    builder = SampleBuilder(store.tokens_path, None, 4)
+    first = builder(np.array([[0, 4]]))
+    clone = pickle.loads(pickle.dumps(builder))
+    assert clone._tokens is None
+    np.testing.assert_array_equal(clone(np.array([[0, 4]]))[INPUT_IDS], first[INPUT_IDS])
+    with pytest.raises(AssertionError, match="document lengths"):
+        builder(np.array([[0, 3]]))
+
+
+def test_max_token_id_counts_only_written_tokens(tmp_path):
+    docs = [np.array([1, 2, 3, 4, 999], np.int32), np.array([7, 8, 9, 5], np.int32)]
+    store = store_of(tmp_path, docs)
+    plan, _ = plan_slices(store.starts, store.lengths, 4)  # 999 is in the dropped remainder
+    assert max_token_id(plan, store.tokens()) == 9
+
+
+def test_written_samples_read_back_with_litdata(tmp_path):
+    from litdata import StreamingDataset
+
+    from prolong_lit.data.prepare import write_domain
+
+    seq_len = 16
+    docs = random_docs([10, 30, 7, 21], seed=4)
+    masks = [np.random.default_rng(i).integers(0, 2, size=len(d)).astype(np.uint8) for i, d in enumerate(docs)]
+    store = store_of(tmp_path, docs, masks)
+    plan, _ = plan_concat(store.starts, store.lengths, [3, 1, 0, 2], seq_len)
+    expected = build_all(store, plan, seq_len)
+    write_domain(store, plan, seq_len, tmp_path / "out", chunk_bytes="300B")
+    assert len(json.loads((tmp_path / "out" / "index.json").read_text())["chunks"]) > 1  # samples span chunks
+    dataset = StreamingDataset(str(tmp_path / "out"))
+    assert len(dataset) == len(expected) == 4
+    for k in range(len(dataset)):
+        sample = dataset[k]
+        for key in (INPUT_IDS, DOC_LENGTHS, LOSS_MASK):
+            assert sample[key].dtype == expected[k][key].dtype
+            np.testing.assert_array_equal(sample[key], expected[k][key])
