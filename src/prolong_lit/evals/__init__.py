@@ -1,0 +1,49 @@
+"""Long-context evaluation: synthetic recall tasks, HELMET's file tasks, greedy generation, metrics, reports.
+
+Pure PyTorch/transformers code (no Lightning): it works on any transformers causal LM and its tokenizer. A
+Lightning callback only schedules `run_evaluation` and logs `EvalResults.flat()` and `report.make_figures()`.
+
+Modules:
+    registry       task names -> category, metric, answer prefix, generation length; checks run before any work
+    synthetic      JSON KV and RULER needle tasks generated from a seed, sized in tokenizer tokens, needle at a depth
+    helmet_files   HELMET's file layout and line schemas, a reader reporting file:line, the ICL JSONL converter
+    helmet         HELMET's loaders: sampling, 2-shot demonstrations, prompts cut to fit the length
+    prompts        HELMET's completion-style templates and context truncation
+    generation     greedy batched decoding with or without a KV cache, stop at newline/EOS, cost statistics
+    metrics        EM, substring EM, F1, RULER recall, accuracy, NDCG@10 (pure functions and torchmetrics Metrics)
+    normalize      SQuAD-style answer normalisation, output and ranking parsing
+    position_loss  mean NLL per position bucket on long documents
+    runner         run_evaluation
+    results        EvalExample, EvalResults (flat scalars, JSON schema)
+    report         JSON + Markdown report and matplotlib figures
+"""
+
+from prolong_lit.evals.generation import GenerationStats, greedy_generate, stop_token_ids
+from prolong_lit.evals.helmet_files import write_icl_jsonl
+from prolong_lit.evals.metrics import METRICS, build_metric
+from prolong_lit.evals.position_loss import loss_by_position
+from prolong_lit.evals.registry import CATEGORIES, TASKS
+from prolong_lit.evals.report import figure_to_array, make_figures, write_report
+from prolong_lit.evals.results import EvalExample, EvalResults
+from prolong_lit.evals.runner import DEFAULT_DEPTHS, run_evaluation
+from prolong_lit.evals.synthetic import build_synthetic_example
+
+__all__ = [
+    "CATEGORIES",
+    "DEFAULT_DEPTHS",
+    "METRICS",
+    "TASKS",
+    "EvalExample",
+    "EvalResults",
+    "GenerationStats",
+    "build_metric",
+    "build_synthetic_example",
+    "figure_to_array",
+    "greedy_generate",
+    "loss_by_position",
+    "make_figures",
+    "run_evaluation",
+    "stop_token_ids",
+    "write_icl_jsonl",
+    "write_report",
+]

@@ -1,0 +1,213 @@
+"""`run_evaluation`: build the prompts of each task at each length, generate greedily, score, aggregate.
+
+Order of work: (1) every check (task names, lengths vs max_position_embeddings, depths, HELMET files present, every
+line of every HELMET file well-formed); (2) per task and length, this rank builds its slice of the examples
+(example i on rank i mod W), generates and scores them; (3) the per-example records are gathered on every rank and
+turned into per-depth scores and category averages. Torchmetrics states give the task@length scores, reduced
+over ranks.
+
+Synthetic tasks have `samples_per_task` examples per task@length, the depths taken in turn (example i has depth
+depths[i % len(depths)]). HELMET tasks sample as HELMET does (see `helmet`).
+
+Under several ranks every rank must call this with the same arguments (`distributed=None` detects it); a caller
+that evaluates on one rank only passes `distributed=False`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from prolong_lit.evals import distributed as ev_dist
+from prolong_lit.evals import registry
+from prolong_lit.evals.generation import GenerationStats, greedy_generate, stop_token_ids
+from prolong_lit.evals.helmet import HelmetTaskData, build_helmet_example, load_helmet_task
+from prolong_lit.evals.metrics import build_metric
+from prolong_lit.evals.results import EvalExample, EvalResults
+from prolong_lit.evals.synthetic import build_synthetic_example
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _build(
+    spec: registry.TaskSpec,
+    tokenizer,
+    length: int,
+    depths: Sequence[float],
+    samples: int,
+    seed: int,
+    helmet: HelmetTaskData | None,
+    budget: int,
+    enabled: bool,
+) -> list[EvalExample]:
+    """This rank's examples of `spec` at `length`."""
+    if spec.source == "synthetic":
+        slots = ev_dist.shard(range(samples), enabled)
+        return [build_synthetic_example(spec.name, tokenizer, length, depths[i % len(depths)], i, seed) for i in slots]
+    slots = ev_dist.shard(range(len(helmet.records)), enabled)
+    return [build_helmet_example(helmet, i, tokenizer, budget) for i in slots]
+
+
+def _target_json(target):
+    return dict(target) if isinstance(target, dict) else list(target)
+
+
+def _depth_scores(records: list[dict]) -> dict[str, dict[int, dict[float, float]]]:
+    groups: dict = defaultdict(list)
+    for r in records:
+        if r["depth"] is not None:
+            groups[(r["task"], r["length"], round(r["depth"], 4))].append(r["score"])
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    for (task, length, depth), scores in sorted(groups.items()):
+        out[task][length][depth] = 100.0 * sum(scores) / len(scores)
+    return {t: dict(d) for t, d in out.items()}
+
+
+def run_evaluation(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    samples_per_task: int = 10,
+    seed: int = 42,
+    helmet_dir: str | Path | None = None,
+    max_position_embeddings: int | None = None,
+    batch_size: int = 1,
+    use_cache: bool = True,
+    max_new_tokens: int | None = None,
+    distributed: bool | None = None,
+    keep_records: bool = True,
+) -> EvalResults:
+    """Evaluate `model` (any transformers causal LM) on `tasks` at each of `lengths` tokens.
+
+    Args:
+        model: the causal LM; put in eval mode for the run and restored afterwards.
+        tokenizer: its tokenizer; prompts are sized in its tokens.
+        tasks: task names (see `registry.TASKS`).
+        lengths: evaluation lengths in tokens.
+        depths: needle depths (0.0 = start of the context, 1.0 = end) for the synthetic tasks.
+        samples_per_task: examples per synthetic task@length; test items (RAG/re-rank: questions) for HELMET.
+        seed: makes prompts, samples and demonstrations reproducible.
+        helmet_dir: HELMET's `data/` folder (needed by the HELMET file tasks).
+        max_position_embeddings: lengths above it are refused (None: no check).
+        batch_size: prompts decoded together (left-padded); 1 avoids padded attention masks at long lengths.
+        use_cache: KV-cache decoding (False re-runs the whole sequence per token, for benchmarks).
+        max_new_tokens: caps every task's generation length (None: HELMET's per-task lengths).
+        distributed: shard examples across torch.distributed ranks and gather results (None: if initialised).
+        keep_records: keep per-example records (outputs, scores) in the results.
+    """
+    specs = registry.validate_request(
+        tasks, lengths, depths, samples_per_task, helmet_dir, max_position_embeddings, tokenizer, max_new_tokens
+    )
+    enabled = ev_dist.resolve(distributed)
+    helmet_data = {
+        (s.name, n): load_helmet_task(s.name, helmet_dir, n, samples_per_task, seed)
+        for s in specs
+        if s.source == "helmet"
+        for n in lengths
+    }  # reads and checks every HELMET line before any generation
+    rank, _ = ev_dist.rank_and_world(enabled)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stats = GenerationStats(use_cache=use_cache)
+    scores: dict[str, dict[int, float]] = defaultdict(dict)
+    counts: dict[str, dict[int, int]] = defaultdict(dict)
+    local_records: list[dict] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for spec in specs:
+            stop = stop_token_ids(tokenizer, spec.stop_newline)
+            max_new = registry.new_tokens(spec, max_new_tokens)
+            for length in lengths:
+                examples = _build(
+                    spec,
+                    tokenizer,
+                    length,
+                    depths,
+                    samples_per_task,
+                    seed,
+                    helmet_data.get((spec.name, length)),
+                    length - max_new,
+                    enabled,
+                )
+                generated, batch_stats = greedy_generate(
+                    model, [e.input_ids for e in examples], max_new, stop, pad_id, batch_size, use_cache, enabled
+                )
+                stats.add(batch_stats)
+                outputs = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+                metric = build_metric(spec.metric, spec.answer_prefix, sync_on_compute=enabled).to(device)
+                metric.update(outputs, [e.target for e in examples])
+                for example, output in zip(examples, outputs):
+                    local_records.append(
+                        {
+                            "task": spec.name,
+                            "length": length,
+                            "index": example.index,
+                            "depth": example.depth,
+                            "output": output,
+                            "score": metric.score_one(output, example.target),
+                            "prompt_tokens": len(example.input_ids),
+                            "target": _target_json(example.target),
+                        }
+                    )
+                scores[spec.name][length] = 100.0 * float(metric.compute())
+                counts[spec.name][length] = len(examples)
+                if rank == 0:
+                    log.info("eval %s@%d: %s = %.2f", spec.name, length, spec.metric, scores[spec.name][length])
+    finally:
+        model.train(was_training)
+    records = ev_dist.gather_lists(local_records, enabled)
+    task_order = {s.name: i for i, s in enumerate(specs)}
+    records.sort(key=lambda r: (task_order[r["task"]], r["length"], r["index"]))
+    for task, by_length in counts.items():  # the per-rank counts become global ones
+        for length in by_length:
+            by_length[length] = sum(1 for r in records if r["task"] == task and r["length"] == length)
+    return EvalResults(
+        scores=dict(scores),
+        depth_scores=_depth_scores(records),
+        categories=_categories(specs, scores),
+        task_categories={s.name: s.category for s in specs},
+        task_metrics={s.name: s.metric for s in specs},
+        num_examples=dict(counts),
+        generation=_merge_stats(stats, enabled),
+        config={
+            "tasks": list(tasks),
+            "lengths": list(lengths),
+            "depths": list(depths),
+            "samples_per_task": samples_per_task,
+            "seed": seed,
+            "batch_size": batch_size,
+            "use_cache": use_cache,
+            "max_new_tokens": max_new_tokens,
+            "helmet_dir": None if helmet_dir is None else str(helmet_dir),
+        },
+        records=records if keep_records else [],
+    )
+
+
+def _categories(specs: list[registry.TaskSpec], scores: dict[str, dict[int, float]]) -> dict[str, float]:
+    """HELMET's category score: the mean over the category's datasets and lengths."""
+    out = {}
+    for category in registry.CATEGORIES:
+        values = [v for s in specs if s.category == category for v in scores[s.name].values() if not math.isnan(v)]
+        if values:
+            out[category] = sum(values) / len(values)
+    return out
+
+
+def _merge_stats(stats: GenerationStats, enabled: bool) -> dict:
+    parts = ev_dist.gather_lists([stats.as_dict()], enabled)
+    total = GenerationStats(use_cache=stats.use_cache)
+    for part in parts:
+        total.add(GenerationStats(**part))
+    return total.as_dict()
