@@ -1,4 +1,4 @@
-"""Packing plans (slice and concat), the on-disk token store with optional loss masks, and the written samples
+"""Packing plans (slice, concat and sft), the on-disk token store with optional loss masks, and the written samples
 read back with litdata. References are built independently from the flat token streams."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from prolong_lit.data.packing import (
     TokenStore,
     max_token_id,
     plan_concat,
+    plan_samples,
+    plan_sft,
     plan_slices,
     shuffled_order,
 )
@@ -88,6 +90,64 @@ def test_concat_every_document_boundary_is_kept(tmp_path):
     got = np.cumsum(np.concatenate([s[DOC_LENGTHS] for s in build_all(store, plan, seq_len)]))
     assert got.tolist() == [c for c in cuts if c <= len(plan) * seq_len]
     assert dropped == int(ends[-1]) - len(plan) * seq_len
+
+
+def test_sft_truncates_the_conversation_that_does_not_fit_and_discards_its_rest(tmp_path):
+    seq_len = 10
+    lengths = [4, 9, 3, 10, 2, 6, 5]
+    docs = random_docs(lengths, seed=6)
+    masks = [(np.arange(n) % 3 == 0).astype(np.uint8) for n in lengths]
+    store = store_of(tmp_path, docs, masks)
+    order = [5, 0, 1, 3, 2, 4, 6]
+    plan, truncated, partial = plan_sft(store.starts, store.lengths, order, seq_len)
+    # by hand: [doc5 (6) + doc0 (4)], [doc1 (9) + doc3's first token; its other 9 discarded],
+    # [doc2 (3) + doc4 (2) + doc6 (5)]; nothing left for a partial sample
+    assert [spans.tolist() for spans in plan] == [
+        [[store.starts[5], store.starts[5] + 6], [store.starts[0], store.starts[0] + 4]],
+        [[store.starts[1], store.starts[1] + 9], [store.starts[3], store.starts[3] + 1]],
+        [
+            [store.starts[2], store.starts[2] + 3],
+            [store.starts[4], store.starts[4] + 2],
+            [store.starts[6], store.starts[6] + 5],
+        ],
+    ]
+    assert (truncated, partial) == (9, 0)
+    samples = build_all(store, plan, seq_len)
+    assert [s[DOC_LENGTHS].tolist() for s in samples] == [[6, 4], [9, 1], [3, 2, 5]]
+    # every piece is the START of its conversation, with the conversation's own mask
+    np.testing.assert_array_equal(samples[1][INPUT_IDS], np.concatenate([docs[1], docs[3][:1]]))
+    np.testing.assert_array_equal(samples[1][LOSS_MASK], np.concatenate([masks[1], masks[3][:1]]))
+    np.testing.assert_array_equal(samples[2][INPUT_IDS], np.concatenate([docs[2], docs[4], docs[6]]))
+    # a final partial sample is dropped; an exact fit truncates nothing
+    plan, truncated, partial = plan_sft(store.starts, store.lengths, [3, 0, 2], seq_len)
+    assert [s.tolist() for s in plan] == [[[store.starts[3], store.starts[3] + 10]]] and (truncated, partial) == (0, 7)
+    with pytest.raises(ValueError, match="a document of 9 tokens is longer than seq_len \\(8\\)"):
+        plan_sft(store.starts, store.lengths, [1], 8)
+
+
+def test_sft_plan_against_a_token_by_token_reference(tmp_path):
+    seq_len = 32
+    lengths = np.random.default_rng(7).integers(1, seq_len + 1, size=80).tolist()
+    store = store_of(tmp_path, random_docs(lengths, seed=8))
+    plan, dropped = plan_samples("sft", store, seq_len, seed=1, domain="chat")
+    # reference: walk the shuffled conversations token by token; a row is closed when full, and the
+    # conversation that overflows it is abandoned
+    rows, row, lost = [], [], 0
+    for doc in shuffled_order(len(lengths), seed=1, domain="chat"):
+        for t in range(lengths[doc]):
+            if len(row) == seq_len:
+                lost += lengths[doc] - t
+                break
+            row.append((doc, t))
+        if len(row) == seq_len:
+            rows.append(row)
+            row = []
+    assert dropped == {"truncated_remainder": lost, "final_partial_sample": len(row)}
+    got = [[(doc, t) for a, b in spans for doc in [store.starts.index(a)] for t in range(b - a)] for spans in plan]
+    assert got == rows and len(rows) > 10 and lost > 0
+    assert plan_samples("concat", store, seq_len, 1, "chat")[1].keys() == {"final_partial_sample"}
+    with pytest.raises(ValueError, match="unknown packing mode 'pack'"):
+        plan_samples("pack", store, seq_len, 1, "chat")
 
 
 def test_shuffled_order_is_seeded_per_domain():

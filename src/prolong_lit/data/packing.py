@@ -2,12 +2,17 @@
 
 The kept documents of a domain are appended to a flat on-disk token file (`TokenStore`), so memory stays flat
 however large the domain is. Packing then only plans: each sample is a list of spans `[start, end)` into that
-file, one span per document piece, whose lengths sum to `seq_len`. Two modes, as in ProLong:
+file, one span per document piece, whose lengths sum to `seq_len`. Three modes, as in ProLong:
 
 - `slice` (long data): every document is cut into consecutive `seq_len` slices; each sample is one slice of
   one document; the remainder shorter than `seq_len` is dropped.
 - `concat` (short data): documents, in a given (seeded, shuffled) order, are concatenated and cut every
   `seq_len` tokens; the cut tail of the last document starts the next sample; the final partial sample is
+  dropped.
+- `sft` (chat data): conversations, in a given (seeded, shuffled) order, are concatenated; a conversation
+  that does not fit in what is left of a sample fills it with its prefix and the rest of it is discarded (not
+  carried over, as ProLong did for SFT), so every sample starts with a whole conversation's start. Documents
+  must be at most `seq_len` tokens (longer ones are dropped before planning). The final partial sample is
   dropped.
 
 `SampleBuilder` turns a planned sample into the stored dict (see `format.py`); `litdata.optimize` calls it.
@@ -25,7 +30,7 @@ from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK
 
 TOKEN_DTYPE = np.int32
 MASK_DTYPE = np.uint8
-MODES = ("slice", "concat")
+MODES = ("slice", "concat", "sft")
 
 
 class TokenStore:
@@ -111,6 +116,49 @@ def plan_concat(
                 plan.append(np.array(spans, np.int64))
                 spans, filled = [], 0
     return plan, filled
+
+
+def plan_sft(
+    starts: Sequence[int], lengths: Sequence[int], order: Sequence[int], seq_len: int
+) -> tuple[list[np.ndarray], int, int]:
+    """Concatenate the documents (conversations) in `order`; the one that does not fit is truncated.
+
+    Returns the samples (each an int64 array `(k, 2)` of spans `[start, end)`, one per conversation), the tokens
+    discarded from truncated conversations, and the tokens of the final partial sample (dropped).
+    """
+    plan: list[np.ndarray] = []
+    spans: list[tuple[int, int]] = []
+    filled = truncated = 0
+    for doc in order:
+        start, length = int(starts[doc]), int(lengths[doc])
+        if length > seq_len:
+            raise ValueError(f"a document of {length} tokens is longer than seq_len ({seq_len}); drop it first")
+        take = min(length, seq_len - filled)
+        spans.append((start, start + take))
+        filled += take
+        truncated += length - take
+        if filled == seq_len:
+            plan.append(np.array(spans, np.int64))
+            spans, filled = [], 0
+    return plan, truncated, filled
+
+
+def plan_samples(
+    mode: str, store: TokenStore, seq_len: int, seed: int, domain: str
+) -> tuple[list[np.ndarray], dict[str, int]]:
+    """The planned samples of a domain in `mode` (slice, concat or sft; concat and sft shuffle the documents
+    with `seed`), and the tokens dropped per cause (the manifest's `dropped_tokens`)."""
+    if mode == "slice":
+        plan, dropped = plan_slices(store.starts, store.lengths, seq_len)
+        return plan, {"slice_remainder": dropped}
+    order = shuffled_order(len(store.lengths), seed, domain)
+    if mode == "concat":
+        plan, dropped = plan_concat(store.starts, store.lengths, order, seq_len)
+        return plan, {"final_partial_sample": dropped}
+    if mode == "sft":
+        plan, truncated, partial = plan_sft(store.starts, store.lengths, order, seq_len)
+        return plan, {"truncated_remainder": truncated, "final_partial_sample": partial}
+    raise ValueError(f"unknown packing mode {mode!r} (choose from {', '.join(MODES)})")
 
 
 def shuffled_order(num_docs: int, seed: int, domain: str) -> np.ndarray:

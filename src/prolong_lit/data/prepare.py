@@ -7,7 +7,8 @@ before any work. Documents are tokenized in a process pool (ordered, so the resu
 number of workers), filtered by length, stored in scratch token files beside the output, planned into
 samples (see `packing.py`), and only then written: the old output (with --overwrite) is removed, each domain is
 written by `litdata.optimize` with ONE ordered worker, and `manifest.json` comes last. The same input and
-settings give the same bytes in every output file.
+settings give the same bytes in every output file. Chat sources (mode sft) are rendered with the tokenizer's
+chat template and carry a loss mask on the assistant tokens (see `chat.py`).
 """
 
 from __future__ import annotations
@@ -27,17 +28,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from prolong_lit.data.chat import check_chat_sources, render_conversation
 from prolong_lit.data.format import MANIFEST_NAME, DomainStats, Manifest
-from prolong_lit.data.packing import (
-    MODES,
-    SampleBuilder,
-    TokenStore,
-    max_token_id,
-    plan_concat,
-    plan_slices,
-    shuffled_order,
-)
-from prolong_lit.data.sources import SourceConfig, iter_documents, validate_source
+from prolong_lit.data.packing import MODES, SampleBuilder, TokenStore, max_token_id, plan_samples
+from prolong_lit.data.sources import Conversation, SourceConfig, iter_documents, validate_source
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,11 +54,15 @@ class DomainConfig:
 
     Args:
         sources: the raw document sources, read in order.
-        mode: `slice` (long data: each sample is a slice of one document, remainders dropped) or `concat`
+        mode: `slice` (long data: each sample is a slice of one document, remainders dropped), `concat`
             (short data: documents shuffled with the seed, concatenated and cut; a cut tail starts the next
-            sample; the final partial sample is dropped).
+            sample; the final partial sample is dropped) or `sft` (chat sources only: conversations shuffled
+            with the seed and concatenated, with a loss mask on assistant tokens; the conversation that does not
+            fit fills the sample with its prefix and the rest is discarded; conversations longer than seq_len
+            are dropped and counted as documents.dropped_too_long). Chat sources may also feed a concat domain
+            (their loss mask rides along), not a slice one.
         min_length: drop documents with fewer tokens (BOS/EOS included). Default: seq_len for slice, 1 for
-            concat. In slice mode it must be at least seq_len (shorter documents give no slice).
+            concat and sft. In slice mode it must be at least seq_len (shorter documents give no slice).
     """
 
     sources: list[SourceConfig]
@@ -82,8 +80,9 @@ class PrepareConfig:
         domains: domain name -> how to build it (the name is the directory name).
         seq_len: the packing length: tokens per sample.
         num_workers: tokenization processes (0 or 1: tokenize in this process).
-        seed: seeds the shuffle of documents in concat domains.
-        append_eos: append `eos_token` where each document ends (BOS is whatever the tokenizer adds itself).
+        seed: seeds the shuffle of documents in concat and sft domains.
+        append_eos: append `eos_token` where each text document ends (BOS is whatever the tokenizer adds
+            itself). Conversations end as the chat template ends them (Llama-3: `<|eot_id|>`).
         eos_token: the end-of-document token; default `<|end_of_text|>` when the tokenizer has it (Llama-3),
             else the tokenizer's eos_token.
         chunk_bytes: litdata chunk file size.
@@ -150,7 +149,10 @@ def validate(config: PrepareConfig, overwrite: bool = False) -> tuple[PreTrained
     from prolong_lit.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(config.tokenizer, setting="tokenizer")
-    return tokenizer, _eos_id(tokenizer, config)
+    eos_id = _eos_id(tokenizer, config)
+    for name, domain in config.domains.items():
+        check_chat_sources(tokenizer, config.tokenizer, domain.sources, f"domains.{name}")
+    return tokenizer, eos_id
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
@@ -184,6 +186,10 @@ def _check_domain(name: str, domain: DomainConfig, seq_len: int) -> None:
     if not domain.sources:
         raise ValueError(f"{setting}.sources: no source configured")
     for i, source in enumerate(domain.sources):
+        if domain.mode == "sft" and source.type != "chat":
+            raise ValueError(f"{setting}.sources[{i}].type: mode sft reads chat sources only (got {source.type})")
+        if domain.mode == "slice" and source.type == "chat":
+            raise ValueError(f"{setting}.mode: a chat source (sources[{i}]) needs mode sft (or concat), not slice")
         validate_source(source, f"{setting}.sources[{i}]")
 
 
@@ -210,7 +216,9 @@ def _init_worker(tokenizer, eos_id: int | None) -> None:
     _TOKENIZER, _EOS_ID = tokenizer, eos_id
 
 
-def _encode(texts: list[str]) -> list[np.ndarray]:
+def _encode_texts(texts: list[str]) -> list[np.ndarray]:
+    if not texts:
+        return []
     encoded = _TOKENIZER(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
     out = []
     for ids in encoded:
@@ -220,11 +228,17 @@ def _encode(texts: list[str]) -> list[np.ndarray]:
     return out
 
 
-def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
+def _encode(documents: list[str | Conversation]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(token ids, loss mask or None) of each document: texts in one tokenizer call, conversations rendered."""
+    texts = iter(_encode_texts([doc for doc in documents if isinstance(doc, str)]))
+    return [(next(texts), None) if isinstance(doc, str) else render_conversation(_TOKENIZER, doc) for doc in documents]
+
+
+def _batches(documents: Iterable[str | Conversation]) -> Iterator[list[str | Conversation]]:
     batch, chars = [], 0
-    for text in documents:
-        batch.append(text)
-        chars += len(text)
+    for doc in documents:
+        batch.append(doc)
+        chars += len(doc) if isinstance(doc, str) else doc.num_chars
         if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
             yield batch
             batch, chars = [], 0
@@ -233,9 +247,10 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
 
 
 def tokenize_documents(
-    documents: Iterable[str], tokenizer, eos_id: int | None, num_workers: int
-) -> Iterator[np.ndarray]:
-    """Token ids of each document, in input order, tokenized by `num_workers` processes."""
+    documents: Iterable[str | Conversation], tokenizer, eos_id: int | None, num_workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(token ids, loss mask or None) of each document, in input order, tokenized by `num_workers` processes.
+    Conversations get their chat-template rendering and assistant-token mask (see `chat.py`)."""
     if num_workers <= 1:
         _init_worker(tokenizer, eos_id)
         for batch in _batches(documents):
@@ -259,40 +274,41 @@ def _build_domain(name: str, config: PrepareConfig, tokenizer, eos_id: int | Non
 
     domain = config.domains[name]
     min_length = domain.min_length or (config.seq_len if domain.mode == "slice" else 1)
+    max_length = config.seq_len if domain.mode == "sft" else None  # a longer conversation fits no sample
     store = TokenStore(scratch, name)
-    read = dropped = 0
+    read = dropped = too_long = 0
     documents = (
         doc for i, source in enumerate(domain.sources) for doc in iter_documents(source, f"domains.{name}.sources[{i}]")
     )
     with tqdm(desc=f"tokenizing {name}", unit="doc", disable=None) as progress:
-        for ids in tokenize_documents(documents, tokenizer, eos_id, config.num_workers):
+        for ids, mask in tokenize_documents(documents, tokenizer, eos_id, config.num_workers):
             read += 1
             progress.update()
             if len(ids) < min_length:
                 dropped += 1
+            elif max_length is not None and len(ids) > max_length:
+                too_long += 1
             else:
-                store.append(ids)
+                store.append(ids, mask)
     store.close()
-    if domain.mode == "slice":
-        plan, dropped_tokens = plan_slices(store.starts, store.lengths, config.seq_len)
-        dropped_key = "slice_remainder"
-    else:
-        order = shuffled_order(len(store.lengths), config.seed, name)
-        plan, dropped_tokens = plan_concat(store.starts, store.lengths, order, config.seq_len)
-        dropped_key = "final_partial_sample"
+    kept = read - dropped - too_long
+    documents_stats = {"read": read, "kept": kept, "dropped_min_length": dropped}
+    if domain.mode == "sft":
+        documents_stats["dropped_too_long"] = too_long
+    plan, dropped_tokens = plan_samples(domain.mode, store, config.seq_len, config.seed, name)
     if not plan:
         raise ValueError(
-            f"domains.{name}: no sample of {config.seq_len} tokens (read {read} documents, kept {read - dropped} "
-            f"of at least {min_length} tokens, {store.num_tokens} tokens); lower domains.{name}.min_length or "
-            "seq_len, or add sources"
+            f"domains.{name}: no sample of {config.seq_len} tokens (read {read} documents, kept {kept} of at least "
+            f"{min_length}{f' and at most {max_length}' if max_length else ''} tokens, {store.num_tokens} tokens); "
+            f"lower domains.{name}.min_length or seq_len, or add sources"
         )
     stats = DomainStats(
         samples=len(plan),
         tokens=len(plan) * config.seq_len,
         max_token_id=max_token_id(plan, store.tokens()),
         has_loss_mask=store.has_mask,
-        documents={"read": read, "kept": read - dropped, "dropped_min_length": dropped},
-        dropped_tokens={dropped_key: dropped_tokens},
+        documents=documents_stats,
+        dropped_tokens=dropped_tokens,
     )
     log.info("domain %s: %s", name, stats)
     return _Built(store=store, plan=plan, stats=stats)

@@ -7,6 +7,10 @@ dependent files apart). Built-in sources (no `path`), from files every Python in
 `python_stdlib_packages` (each top-level package of the standard library as a repository of *.py files),
 `pydoc_topics` (the help topics of `pydoc_data.topics`) and `python_docstrings` (module, class and function
 docstrings of the standard library, read with `ast`; no module is imported).
+
+The `chat` source (jsonl, jsonl.gz or parquet files, UltraChat style) yields `Conversation`s instead of text:
+each record's `messages` list of {role, content}, roles system/user/assistant, checked as it is read so a bad
+record is named by file and line (jsonl) or row (parquet).
 """
 
 from __future__ import annotations
@@ -25,11 +29,28 @@ log = logging.getLogger(__name__)
 
 # Written before every file of a repository document: `--- asyncio/base_events.py ---`.
 REPO_FILE_HEADER = "--- {path} ---\n"
-FILE_SOURCE_TYPES = ("jsonl", "parquet", "text", "repos")
+FILE_SOURCE_TYPES = ("jsonl", "parquet", "text", "repos", "chat")
 BUILTIN_SOURCE_TYPES = ("python_stdlib_packages", "pydoc_topics", "python_docstrings")
 SOURCE_TYPES = FILE_SOURCE_TYPES + BUILTIN_SOURCE_TYPES
 # Which files of a directory `path` a file source reads when `pattern` is not set (searched recursively).
 DEFAULT_PATTERNS = {"jsonl": "*.jsonl*", "parquet": "*.parquet", "text": "*.txt", "repos": "*"}
+# The files a chat source reads under a directory when `pattern` is not set; `.parquet` is read as parquet,
+# anything else as jsonl (plain or gzip).
+CHAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Conversation:
+    """One chat record: its messages ({"role", "content"} dicts, roles in CHAT_ROLES) and where it was read
+    (`<file> line <n>` or `<file> row <n>`), so later errors (the chat template) can name the record."""
+
+    messages: list[dict[str, str]]
+    where: str
+
+    @property
+    def num_chars(self) -> int:
+        return sum(len(message["content"]) for message in self.messages)
 
 
 @dataclass
@@ -37,11 +58,14 @@ class SourceConfig:
     """One source of raw documents.
 
     Args:
-        type: jsonl | parquet | text | repos | python_stdlib_packages | pydoc_topics | python_docstrings.
+        type: jsonl | parquet | text | repos | chat | python_stdlib_packages | pydoc_topics | python_docstrings.
         path: a file or a directory (file sources); must be left unset for the built-in sources.
         text_field: the field (jsonl) or column (parquet) holding the document text.
+        messages_field: the field (jsonl) or column (parquet) holding a chat record's list of {role, content}
+            messages (chat sources).
         pattern: glob of the files read under a directory `path` (searched recursively; default per type:
-            *.jsonl* (plain or gzip), *.parquet, *.txt, and every file of a repository).
+            *.jsonl* (plain or gzip), *.parquet, *.txt, every file of a repository, and for chat the files
+            ending in .jsonl, .jsonl.gz or .parquet).
         exclude: names to skip: repository directories (repos, python_stdlib_packages) or top-level standard
             library modules/packages (python_docstrings).
     """
@@ -49,6 +73,7 @@ class SourceConfig:
     type: str
     path: str | None = None
     text_field: str = "text"
+    messages_field: str = "messages"
     pattern: str | None = None
     exclude: list[str] = field(default_factory=list)
 
@@ -75,13 +100,14 @@ def validate_source(source: SourceConfig, setting: str) -> None:
         raise ValueError(f"{setting}: the {source.type} source{where} holds no documents")
 
 
-def iter_documents(source: SourceConfig, setting: str = "source") -> Iterator[str]:
-    """The documents of one source, in a deterministic order."""
-    readers: dict[str, Callable[[SourceConfig, str], Iterator[str]]] = {
+def iter_documents(source: SourceConfig, setting: str = "source") -> Iterator[str | Conversation]:
+    """The documents of one source, in a deterministic order: texts, or `Conversation`s for a chat source."""
+    readers: dict[str, Callable[[SourceConfig, str], Iterator[str | Conversation]]] = {
         "jsonl": _read_jsonl,
         "parquet": _read_parquet,
         "text": _read_text,
         "repos": _read_repos,
+        "chat": _read_chat,
         "python_stdlib_packages": _read_stdlib_packages,
         "pydoc_topics": _read_pydoc_topics,
         "python_docstrings": _read_docstrings,
@@ -178,6 +204,65 @@ def _read_repos(source: SourceConfig, setting: str) -> Iterator[str]:
             yield document
 
 
+def _chat_files(source: SourceConfig) -> list[Path]:
+    if source.pattern is not None:
+        return _files(Path(source.path), source.pattern)
+    path = Path(source.path)
+    return [p for p in _files(path, "*") if p == path or p.name.endswith(CHAT_SUFFIXES)]
+
+
+def _read_chat(source: SourceConfig, setting: str) -> Iterator[Conversation]:
+    for path in _chat_files(source):
+        reader = _read_chat_parquet if path.name.endswith(".parquet") else _read_chat_jsonl
+        yield from reader(path, source.messages_field, setting)
+
+
+def _read_chat_parquet(path: Path, field_name: str, setting: str) -> Iterator[Conversation]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    if field_name not in parquet.schema_arrow.names:
+        raise ValueError(f"{setting}.messages_field: {path} has no column {field_name!r}")
+    row = 0
+    for batch in parquet.iter_batches(columns=[field_name], batch_size=1024):
+        for messages in batch.column(0).to_pylist():
+            row += 1
+            yield _conversation(messages, f"{path} row {row}", field_name, setting)
+
+
+def _read_chat_jsonl(path: Path, field_name: str, setting: str) -> Iterator[Conversation]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{setting}: {where} is not valid JSON ({err})") from err
+            if not isinstance(record, dict) or field_name not in record:
+                raise ValueError(f"{setting}.messages_field: {where} has no field {field_name!r}")
+            yield _conversation(record[field_name], where, field_name, setting)
+
+
+def _conversation(messages, where: str, field_name: str, setting: str) -> Conversation:
+    """Check one record's messages; keep only role and content (what every chat template reads)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{setting}.messages_field: {where} field {field_name!r} is not a non-empty list of messages")
+    checked = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES:
+            raise ValueError(
+                f"{setting}: {where} message {i} has unknown role {role!r} (allowed: {', '.join(CHAT_ROLES)})"
+            )
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"{setting}: {where} message {i} ({role}) has no text content")
+        checked.append({"role": role, "content": message["content"]})
+    return Conversation(messages=checked, where=where)
+
+
 def _read_stdlib_packages(source: SourceConfig, setting: str) -> Iterator[str]:
     # site-packages holds installed third-party code, not the standard library.
     for package in _repositories(stdlib_dir(), ["site-packages", *source.exclude], only_packages=True):
@@ -222,8 +307,10 @@ def python_docstrings(code: bytes | str) -> Iterator[str]:
 
 
 __all__ = [
+    "CHAT_ROLES",
     "SOURCE_TYPES",
     "REPO_FILE_HEADER",
+    "Conversation",
     "SourceConfig",
     "iter_documents",
     "python_docstrings",
