@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from lightning.pytorch import Callback
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DOMAINS = {"code_repos": 24, "prose": 24, "docstrings": 24}
 SEQ_LEN = 128
 
 
-def demo_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int) -> Path:
+def demo_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int, stop_at: int | None = None) -> Path:
     """The demo pretrain config, pointed at tiny data and a run directory under tmp_path."""
     config = yaml.safe_load((REPO / "configs/demo/pretrain.yaml").read_text())
     trainer = config["trainer"]
@@ -27,6 +28,8 @@ def demo_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int) -> Pat
             "init_args": {"dirpath": str(tmp_path / run / "samples")},
         }
     )
+    if stop_at is not None:
+        others.append({"class_path": "run_helpers.StopAtStep", "init_args": {"step": stop_at}})
     trainer["callbacks"] = [checkpoint, *others]
     config["data"]["init_args"].update(data_dir=str(data_dir), seq_len=SEQ_LEN, val_samples_per_domain=2)
     path = tmp_path / f"{run}.yaml"
@@ -53,3 +56,14 @@ def final_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def seen_samples(samples_dir: Path) -> list[int]:
     lines = (samples_dir / "rank0.jsonl").read_text().splitlines()
     return [i for line in lines for i in json.loads(line)["sample_index"]]
+
+
+class StopAtStep(Callback):
+    """Interrupts a run after `step` optimizer steps, as a crash or a time limit would (same max_steps)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

@@ -32,8 +32,8 @@ def test_fit_logs_checkpoints_and_resumes_exactly(tmp_path, data_dir):
     assert (checkpoints / "last.ckpt").is_file() and (checkpoints / "step000004.ckpt").is_file()
     assert (tmp_path / "runs" / "straight" / "version_0" / "config.yaml").is_file()
 
-    # Stop at step 4 (a checkpoint), resume to 6: same samples, same final weights as the straight run.
-    main(["fit", "--config", str(demo_config(tmp_path, data_dir, "resumed", max_steps=4))])
+    # Interrupt at step 4 (a checkpoint), resume to 6: same samples, same final weights as the straight run.
+    main(["fit", "--config", str(demo_config(tmp_path, data_dir, "resumed", max_steps=6, stop_at=4))])
     main(
         [
             "fit",
