@@ -1,0 +1,271 @@
+"""Document-masked attention for packed rows, registered with transformers' AttentionInterface.
+
+A packed micro-batch holds several documents per row; `cu_seq_lens` marks their boundaries over the flattened
+B*L tokens and attention never crosses one. Three implementations are registered (import this module first):
+
+    prolong_varlen   FlashAttention-2 varlen (`flash_attn_varlen_func`) on the flattened (B*L, H, D) tokens;
+                     flash handles GQA itself. Needs CUDA and the flash-attn package.
+    prolong_docmask  exact and device-agnostic: per document, per block of queries, SDPA against that
+                     document's keys up to the block's end. Memory is O(block * document length), never the
+                     O(L^2) of transformers' own packed mask (a dense L x L tensor: 256 GiB at 512K).
+    prolong_auto     prolong_varlen for CUDA tensors when flash-attn imports, prolong_docmask otherwise,
+                     decided per call from the tensors' device (so a CPU run on a GPU machine stays exact).
+
+Calls without `cu_seq_lens` (ordinary batches, generation with a KV cache and a padding mask) go to
+transformers' own SDPA attention with the mask transformers built, so the same model object can generate. The
+one exception: packed `position_ids` (restarting inside a row) without `cu_seq_lens` and without a mask get
+their document boundaries from the positions, so packing is never silently ignored.
+
+transformers 5.24 skips mask creation entirely for an attention name unknown to its AttentionMaskInterface, which
+would drop generation's padding mask; so the names are registered there too, with a mask function that builds
+no mask when there is no padding mask (packed training) and transformers' SDPA mask otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+log = logging.getLogger(__name__)
+
+VARLEN = "prolong_varlen"
+DOCMASK = "prolong_docmask"
+AUTO = "prolong_auto"
+# `model.attn_implementation` values -> registered transformers names. `sdpa`/`eager` are transformers' own
+# (packed rows then get transformers' dense L x L mask: for comparisons and benchmarks only).
+ATTN_IMPLEMENTATIONS = {
+    "auto": AUTO,
+    "flash": VARLEN,
+    "docmask": DOCMASK,
+    "sdpa": "sdpa",
+    "eager": "eager",
+    AUTO: AUTO,
+    VARLEN: VARLEN,
+    DOCMASK: DOCMASK,
+}
+DEFAULT_DOCMASK_BLOCK_SIZE = 1024
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """The transformers attention name for a `model.attn_implementation` value; a clear error otherwise."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attn_implementation: {name!r} is unknown; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    resolved = ATTN_IMPLEMENTATIONS[name]
+    if resolved == VARLEN and flash_attn_varlen_func() is None:
+        raise ValueError(
+            f"model.attn_implementation: {name!r} needs the flash-attn package (pip install -e '.[gpu]' on a "
+            "CUDA machine); use 'auto' to fall back to the exact document-masked attention"
+        )
+    return resolved
+
+
+@functools.cache
+def flash_attn_varlen_func():
+    """flash-attn's `flash_attn_varlen_func`, or None where the package (or CUDA) is missing."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func as func
+    except ImportError:
+        return None
+    return func
+
+
+def cu_seq_lens_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Document boundaries over the flattened (B, L) tokens: a document starts at every row start and wherever
+    the position does not continue the previous one. Returns (cu_seq_lens int32, longest document)."""
+    batch, length = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)  # (B, L)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    start_index = starts.reshape(-1).nonzero().squeeze(1)  # (num_docs,)
+    end = torch.tensor([batch * length], device=position_ids.device)
+    cu_seq_lens = torch.cat([start_index, end]).to(torch.int32)  # (num_docs + 1,)
+    return cu_seq_lens, int(cu_seq_lens.diff().max())
+
+
+def _packed_boundaries(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+    """(cu_q, cu_k, max_q, max_k) for a packed call, None for an ordinary one (then SDPA with the mask)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None:
+        if attention_mask is not None:
+            raise ValueError("packed attention: pass either cu_seq_lens_q/k or an attention_mask, not both")
+        if query.shape[2] != key.shape[2]:
+            raise ValueError("packed attention (cu_seq_lens) cannot be used with a KV cache: pass use_cache=False")
+        cu_k = cu_q if cu_k is None else cu_k
+        max_q = kwargs.get("max_length_q")
+        if max_q is None:
+            max_q = int(cu_q.diff().max())
+        max_k = kwargs.get("max_length_k")
+        if max_k is None:
+            max_k = max_q if cu_k is cu_q else int(cu_k.diff().max())
+        return cu_q, cu_k, int(max_q), int(max_k)
+    position_ids = kwargs.get("position_ids")
+    length = query.shape[2]
+    if attention_mask is not None or position_ids is None or length != key.shape[2] or length < 2:
+        return None
+    position_ids = position_ids.expand(query.shape[0], -1)  # (B, L); generation passes (1, L)
+    if bool((position_ids[:, 1:] == position_ids[:, :-1] + 1).all()):
+        return None  # one document per row: plain causal attention
+    cu, longest = cu_seq_lens_from_position_ids(position_ids)
+    return cu, cu, longest, longest
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (B, H, L, D)
+    key: torch.Tensor,  # (B, H_kv, L, D)
+    value: torch.Tensor,  # (B, H_kv, L, D)
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """FlashAttention-2 varlen over the flattened tokens; returns (B, L, H, D)."""
+    packed = _packed_boundaries(query, key, attention_mask, kwargs)
+    if packed is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    func = flash_attn_varlen_func()
+    if func is None:
+        raise RuntimeError(f"attention {VARLEN!r} needs CUDA and the flash-attn package")
+    cu_q, cu_k, max_q, max_k = packed
+    batch, heads, length, head_dim = query.shape
+    in_dtype = query.dtype
+    if in_dtype not in (torch.float16, torch.bfloat16):
+        # flash-attn has no fp32 kernel. Under bf16-mixed, RoPE (fp32 cos/sin) promotes q and k to fp32: use the
+        # autocast dtype, as autocast would. Without autocast (fp32 runs) precision is lost here: say so, once.
+        if torch.is_autocast_enabled("cuda"):
+            target = torch.get_autocast_dtype("cuda")
+        else:
+            target = torch.bfloat16
+            _warn_once(f"{VARLEN}: casting {in_dtype} attention inputs to bfloat16 (flash-attn has no fp32 kernel)")
+        query, key, value = (t.to(target) for t in (query, key, value))
+    q = query.transpose(1, 2).reshape(batch * length, heads, head_dim)  # (B*L, H, D)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], head_dim)  # (B*L, H_kv, D)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], head_dim)  # (B*L, H_kv, D)
+    out = func(
+        q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+        dropout_p=dropout, softmax_scale=scaling, causal=True,
+    )  # (B*L, H, D)
+    return out.view(batch, length, heads, head_dim).to(in_dtype), None
+
+
+def docmask_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (B, H, L, D)
+    key: torch.Tensor,  # (B, H_kv, L, D)
+    value: torch.Tensor,  # (B, H_kv, L, D)
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Exact document-masked causal attention in query blocks of `docmask_block_size`; returns (B, L, H, D)."""
+    packed = _packed_boundaries(query, key, attention_mask, kwargs)
+    if packed is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    cu_q, cu_k, _, _ = packed
+    if cu_k is not cu_q and not torch.equal(cu_k, cu_q):
+        raise ValueError(f"{DOCMASK}: cu_seq_lens_k must equal cu_seq_lens_q (self-attention)")
+    block_size = int(kwargs.get("docmask_block_size") or DEFAULT_DOCMASK_BLOCK_SIZE)
+    batch, heads, length, head_dim = query.shape
+    repeats = heads // key.shape[1]
+    bounds = cu_q.tolist()
+    if bounds[0] != 0 or bounds[-1] != batch * length:
+        raise ValueError(f"cu_seq_lens must run from 0 to B*L = {batch * length}, got {bounds[0]}..{bounds[-1]}")
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        row, offset = divmod(start, length)
+        if end - row * length > length:
+            raise ValueError(f"cu_seq_lens: the document [{start}, {end}) crosses the end of row {row}")
+        span = slice(offset, offset + end - start)
+        k = key[row, :, span].repeat_interleave(repeats, dim=0)  # (H, n, D): GQA by repeating kv heads
+        v = value[row, :, span].repeat_interleave(repeats, dim=0)  # (H, n, D)
+        outputs.append(_causal_in_blocks(query[row, :, span], k, v, block_size, scaling, dropout))  # (n, H, D)
+    out = torch.cat(outputs, dim=0)  # (B*L, H, D), documents in flattened order
+    return out.view(batch, length, heads, head_dim), None
+
+
+def _causal_in_blocks(
+    query: torch.Tensor,  # (H, n, D)
+    key: torch.Tensor,  # (H, n, D)
+    value: torch.Tensor,  # (H, n, D)
+    block_size: int,
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """Causal attention within one document, `block_size` queries at a time; returns (n, H, D)."""
+    length = query.shape[1]
+    blocks = []
+    for first in range(0, length, block_size):
+        last = min(first + block_size, length)
+        keys = slice(0, last)  # the block's queries see nothing past its last position
+        if first == 0:
+            mask, causal = None, True  # square block: SDPA's own (top-left aligned) causal mask is exact
+        else:
+            # query first+i sees keys 0..first+i: everything before the block, causal inside it
+            key_pos = torch.arange(last, device=query.device)  # (last,)
+            query_pos = torch.arange(first, last, device=query.device)  # (last - first,)
+            mask, causal = key_pos[None, :] <= query_pos[:, None], False  # (last - first, last)
+        blocks.append(
+            F.scaled_dot_product_attention(
+                query[:, first:last], key[:, keys], value[:, keys],
+                attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling,
+            )  # (H, last - first, D)
+        )
+    return torch.cat(blocks, dim=1).transpose(0, 1)  # (n, H, D)
+
+
+def auto_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """prolong_varlen on CUDA with flash-attn, prolong_docmask otherwise (decided per call)."""
+    if query.is_cuda and flash_attn_varlen_func() is not None:
+        return varlen_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    return docmask_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def padding_only_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """The mask transformers builds for our names: none for packed/unpadded prefill (the attention function
+    handles documents from cu_seq_lens or position_ids), transformers' SDPA mask when there is padding or a
+    KV cache (generation)."""
+    if attention_mask is None and q_length == kv_length:
+        return None
+    return sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, **kwargs
+    )
+
+
+def register_attention() -> None:
+    """Register the three names with transformers (idempotent; done on import)."""
+    functions = {VARLEN: varlen_attention_forward, DOCMASK: docmask_attention_forward, AUTO: auto_attention_forward}
+    for name, function in functions.items():
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, padding_only_mask)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+register_attention()
