@@ -12,6 +12,7 @@ from lightning.pytorch import Callback
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = {"code_repos": 24, "prose": 24, "docstrings": 24}
 SEQ_LEN = 128
+MICRO_BATCH = 2
 
 
 def demo_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int, stop_at: int | None = None) -> Path:
@@ -31,7 +32,9 @@ def demo_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int, stop_a
     if stop_at is not None:
         others.append({"class_path": "run_helpers.StopAtStep", "init_args": {"step": stop_at}})
     trainer["callbacks"] = [checkpoint, *others]
-    config["data"]["init_args"].update(data_dir=str(data_dir), seq_len=SEQ_LEN, val_samples_per_domain=2)
+    config["data"]["init_args"].update(
+        data_dir=str(data_dir), seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, val_samples_per_domain=2
+    )
     path = tmp_path / f"{run}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from data_factory import write_prepared
-from run_helpers import DOMAINS, SEQ_LEN, demo_config, read_scalars
+from run_helpers import DOMAINS, MICRO_BATCH, SEQ_LEN, demo_config, read_scalars
 
 pytestmark = pytest.mark.distributed
 
@@ -29,7 +29,7 @@ def test_two_process_ddp_trains_on_disjoint_samples(tmp_path):
     for rank in (0, 1):
         lines = (tmp_path / "ddp" / "samples" / f"rank{rank}.jsonl").read_text().splitlines()
         seen[rank] = [i for line in lines for i in json.loads(line)["sample_index"]]
-    micro_batch, steps, world = 2, 4, 2
+    micro_batch, steps, world = MICRO_BATCH, 4, 2
     assert len(seen[0]) == len(seen[1]) == steps * micro_batch
     assert not set(seen[0]) & set(seen[1])
     # together the ranks consumed exactly the first steps * micro_batch * world samples of the global stream
