@@ -28,6 +28,7 @@ TRAINER_SUBCOMMANDS = {
 # name -> ("module:function taking argv", one-line description); imported lazily so `--help` stays fast.
 TOOL_SUBCOMMANDS = {
     "prepare": ("prolong_lit.data.prepare:main", "tokenize, filter and pack raw documents into litdata shards"),
+    "export": ("prolong_lit.export:main", "turn a checkpoint (file or distributed) into a Hugging Face directory"),
     "tokenizer": ("prolong_lit.cli:tokenizer_main", "build the Llama-3 tokenizer offline into a directory"),
 }
 

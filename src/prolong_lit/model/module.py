@@ -24,6 +24,7 @@ from prolong_lit.model.schedule import build_optimizer
 log = logging.getLogger(__name__)
 
 HF_CONFIG_KEY = "hf_config"  # the checkpoint entry holding the Hugging Face config dict
+TOKENIZER_KEY = "tokenizer"  # the checkpoint entry naming the tokenizer the training data was prepared with
 
 
 class LongContextLM(pl.LightningModule):
@@ -85,6 +86,7 @@ class LongContextLM(pl.LightningModule):
                 f"model.seq_len ({seq_len}); set model.max_position_embeddings"
             )
         self.model = None  # LlamaForCausalLM, built in configure_model
+        self.tokenizer_name: str | None = None  # from the prepared data's manifest, recorded in checkpoints
         self._step_loss_sum: torch.Tensor | None = None  # detached sum_CE of this optimizer step, this rank
         self._step_loss_tokens: torch.Tensor | None = None
         self._val_sum: torch.Tensor | None = None
@@ -194,9 +196,13 @@ class LongContextLM(pl.LightningModule):
         manifest = getattr(datamodule, "manifest", None)
         if manifest is not None:
             check_manifest(manifest, self.hparams.seq_len, self.hf_config.vocab_size, self.hparams.model)
+            self.tokenizer_name = manifest.tokenizer
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[HF_CONFIG_KEY] = self.hf_config.to_dict()
+        if self.tokenizer_name is not None:
+            # the tokenizer the data was prepared with: `export` saves it beside the weights by default
+            checkpoint[TOKENIZER_KEY] = self.tokenizer_name
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(HF_CONFIG_KEY)
