@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 # The demo and the tests use the real Llama-3 tokenizer, built offline into this cache.
 export PROLONG_LIT_CACHE ?= $(CURDIR)/.cache/prolong_lit
 
-.PHONY: venv tokenizer demo demo-data demo-train test test-fast test-slurm lint bench clean
+.PHONY: venv tokenizer demo demo-data demo-train demo-pipeline test test-fast test-slurm lint bench clean
 
 # pip would otherwise replace the local CPU torch wheel by a 3 GB CUDA build (constraints.txt);
 # litdata drags in a CUDA torchvision that breaks `import lightning` beside a CPU torch, so it goes.
@@ -31,6 +31,11 @@ demo-train: venv
 
 demo: demo-data demo-train
 
+# The three phases (64K-style stage 1 -> longer stage 2 with a larger RoPE base -> SFT) on the demo corpus, with
+# evaluations and Hugging Face exports between them; prepares its own data. A rerun skips finished phases.
+demo-pipeline: tokenizer
+	$(PY) -m prolong_lit pipeline --config configs/demo/pipeline.yaml
+
 # The Slurm test needs a running cluster: `make test-slurm` brings one up and runs it.
 test: tokenizer
 	$(PY) -m pytest -q -m "not slurm" tests
@@ -50,4 +55,4 @@ lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf runs data/demo .cache
+	rm -rf runs data/demo data/demo-1k data/demo-sft .cache

@@ -29,6 +29,7 @@ TRAINER_SUBCOMMANDS = {
 TOOL_SUBCOMMANDS = {
     "prepare": ("prolong_lit.data.prepare:main", "tokenize, filter and pack raw documents into litdata shards"),
     "export": ("prolong_lit.export:main", "turn a checkpoint (file or distributed) into a Hugging Face directory"),
+    "pipeline": ("prolong_lit.pipeline:main", "run a pipeline file's phases in order (finished phases are skipped)"),
     "tokenizer": ("prolong_lit.cli:tokenizer_main", "build the Llama-3 tokenizer offline into a directory"),
 }
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from prolong_lit.data.sources import Conversation, SourceConfig, iter_documents
+from prolong_lit.data.sources import CHAT_SOURCE_TYPES, Conversation, SourceConfig, iter_documents
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,7 +53,7 @@ def check_chat_sources(
 ) -> None:
     """Before any work: a domain (`setting`, e.g. `domains.ultrachat`) with chat sources needs a chat template
     that renders and masks the first conversation of each of them."""
-    chat_sources = [(i, source) for i, source in enumerate(sources) if source.type == "chat"]
+    chat_sources = [(i, source) for i, source in enumerate(sources) if source.type in CHAT_SOURCE_TYPES]
     if chat_sources:
         check_chat_template(tokenizer, name, needed_by=f"{setting} (chat sources)")
     for i, source in chat_sources:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from prolong_lit.data.collate import collate_samples, sample_loss_tokens
 from prolong_lit.data.format import LOSS_MASK, Manifest
 from prolong_lit.data.mixture import BLOCK_SIZE, MixturePlan, StreamLayout, block_counts
+from prolong_lit.parallel.sequence import data_parallel_rank_and_size, sequence_parallel_size_of
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +260,9 @@ class MixtureDataModule(L.LightningDataModule):
         """This process's rank among the ranks that read different data, and their number."""
         if self.trainer is None:
             return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
+        # the P ranks of a sequence-parallel group (model.sequence_parallel_size) read the same samples
+        size = sequence_parallel_size_of(self.trainer.lightning_module)
+        return data_parallel_rank_and_size(self.trainer.global_rank, self.trainer.world_size, size)
 
     def _accumulate_and_phase(self) -> tuple[int, int]:
         """Trainer.accumulate_grad_batches, and how many micro-batches of its current optimizer step the
@@ -318,7 +322,11 @@ class MixtureDataModule(L.LightningDataModule):
         # batch_size=None: the streams yield collated micro-batches. An IterableDataset also keeps Lightning
         # from injecting a DistributedSampler (the streams shard themselves).
         return DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=_leave_job_signals_to_trainer if self.num_workers > 0 else None,
         )
 
     # ---- checkpointed state -------------------------------------------------------------------------------
@@ -373,3 +381,11 @@ class MixtureDataModule(L.LightningDataModule):
         self._layout = None
         if self._data_parallel_rank_and_size()[0] == 0:
             logger.info("Restored the data stream at sample %d", self._start_sample)
+
+
+def _leave_job_signals_to_trainer(worker_id: int) -> None:
+    """Slurm signals every process of a job step, and a forked worker inherits Lightning's SIGUSR1/SIGTERM
+    handlers: it would write the requeue checkpoint and requeue the job too. Only the training process acts;
+    a worker ends when its parent does."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -31,7 +31,7 @@ import numpy as np
 from prolong_lit.data.chat import check_chat_sources, render_conversation
 from prolong_lit.data.format import MANIFEST_NAME, DomainStats, Manifest
 from prolong_lit.data.packing import MODES, SampleBuilder, TokenStore, max_token_id, plan_samples
-from prolong_lit.data.sources import Conversation, SourceConfig, iter_documents, validate_source
+from prolong_lit.data.sources import CHAT_SOURCE_TYPES, Conversation, SourceConfig, iter_documents, validate_source
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -186,9 +186,9 @@ def _check_domain(name: str, domain: DomainConfig, seq_len: int) -> None:
     if not domain.sources:
         raise ValueError(f"{setting}.sources: no source configured")
     for i, source in enumerate(domain.sources):
-        if domain.mode == "sft" and source.type != "chat":
+        if domain.mode == "sft" and source.type not in CHAT_SOURCE_TYPES:
             raise ValueError(f"{setting}.sources[{i}].type: mode sft reads chat sources only (got {source.type})")
-        if domain.mode == "slice" and source.type == "chat":
+        if domain.mode == "slice" and source.type in CHAT_SOURCE_TYPES:
             raise ValueError(f"{setting}.mode: a chat source (sources[{i}]) needs mode sft (or concat), not slice")
         validate_source(source, f"{setting}.sources[{i}]")
 

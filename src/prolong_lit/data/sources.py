@@ -8,9 +8,11 @@ dependent files apart). Built-in sources (no `path`), from files every Python in
 `pydoc_topics` (the help topics of `pydoc_data.topics`) and `python_docstrings` (module, class and function
 docstrings of the standard library, read with `ast`; no module is imported).
 
-The `chat` source (jsonl, jsonl.gz or parquet files, UltraChat style) yields `Conversation`s instead of text:
+Chat sources yield `Conversation`s instead of text. `chat` (jsonl, jsonl.gz or parquet files, UltraChat style):
 each record's `messages` list of {role, content}, roles system/user/assistant, checked as it is read so a bad
-record is named by file and line (jsonl) or row (parquet).
+record is named by file and line (jsonl) or row (parquet). `python_docstring_chats` (built in, the demo's SFT
+data): one short synthetic exchange per public function, class and method of the standard library, the user
+asking what `module.name` does and the assistant answering with the first paragraph of its docstring.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import sysconfig
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +33,9 @@ log = logging.getLogger(__name__)
 # Written before every file of a repository document: `--- asyncio/base_events.py ---`.
 REPO_FILE_HEADER = "--- {path} ---\n"
 FILE_SOURCE_TYPES = ("jsonl", "parquet", "text", "repos", "chat")
-BUILTIN_SOURCE_TYPES = ("python_stdlib_packages", "pydoc_topics", "python_docstrings")
+BUILTIN_SOURCE_TYPES = ("python_stdlib_packages", "pydoc_topics", "python_docstrings", "python_docstring_chats")
 SOURCE_TYPES = FILE_SOURCE_TYPES + BUILTIN_SOURCE_TYPES
+CHAT_SOURCE_TYPES = ("chat", "python_docstring_chats")  # the sources that yield Conversations
 # Which files of a directory `path` a file source reads when `pattern` is not set (searched recursively).
 DEFAULT_PATTERNS = {"jsonl": "*.jsonl*", "parquet": "*.parquet", "text": "*.txt", "repos": "*"}
 # The files a chat source reads under a directory when `pattern` is not set; `.parquet` is read as parquet,
@@ -58,7 +62,8 @@ class SourceConfig:
     """One source of raw documents.
 
     Args:
-        type: jsonl | parquet | text | repos | chat | python_stdlib_packages | pydoc_topics | python_docstrings.
+        type: jsonl | parquet | text | repos | chat | python_stdlib_packages | pydoc_topics | python_docstrings |
+            python_docstring_chats.
         path: a file or a directory (file sources); must be left unset for the built-in sources.
         text_field: the field (jsonl) or column (parquet) holding the document text.
         messages_field: the field (jsonl) or column (parquet) holding a chat record's list of {role, content}
@@ -67,7 +72,7 @@ class SourceConfig:
             *.jsonl* (plain or gzip), *.parquet, *.txt, every file of a repository, and for chat the files
             ending in .jsonl, .jsonl.gz or .parquet).
         exclude: names to skip: repository directories (repos, python_stdlib_packages) or top-level standard
-            library modules/packages (python_docstrings).
+            library modules/packages (python_docstrings, python_docstring_chats).
     """
 
     type: str
@@ -111,6 +116,7 @@ def iter_documents(source: SourceConfig, setting: str = "source") -> Iterator[st
         "python_stdlib_packages": _read_stdlib_packages,
         "pydoc_topics": _read_pydoc_topics,
         "python_docstrings": _read_docstrings,
+        "python_docstring_chats": _read_docstring_chats,
     }
     return readers[source.type](source, setting)
 
@@ -279,14 +285,68 @@ def _read_pydoc_topics(source: SourceConfig, setting: str) -> Iterator[str]:
             yield topics[name]
 
 
-def _read_docstrings(source: SourceConfig, setting: str) -> Iterator[str]:
+def _stdlib_files(source: SourceConfig) -> Iterator[tuple[Path, Path]]:
+    """(path, path relative to the standard library) of its *.py files (or `pattern`), `exclude` skipped."""
     root = stdlib_dir()
     skip = {"site-packages", *source.exclude}
     for path in _files(root, source.pattern or "*.py"):
         top = path.relative_to(root).parts[0]
-        if top in skip or top.removesuffix(".py") in skip:
-            continue
+        if top not in skip and top.removesuffix(".py") not in skip:
+            yield path, path.relative_to(root)
+
+
+def _read_docstrings(source: SourceConfig, setting: str) -> Iterator[str]:
+    for path, _ in _stdlib_files(source):
         yield from python_docstrings(path.read_bytes())
+
+
+# Questions of the synthetic chats, picked by a hash of the name (so the data is the same on every run).
+CHAT_QUESTIONS = (
+    "What does `{name}` do?",
+    "In Python's standard library, what is `{name}` for?",
+    "Explain `{name}` briefly.",
+    "I came across `{name}` in some Python code. What does it do?",
+)
+
+
+def _read_docstring_chats(source: SourceConfig, setting: str) -> Iterator[Conversation]:
+    for path, relative in _stdlib_files(source):
+        parts = [part.removesuffix(".py") for part in relative.parts if part != "__init__.py"]
+        if any(part.startswith("_") for part in parts):  # private modules (_pydecimal, ...)
+            continue
+        module = ".".join(parts)
+        for name, answer in public_api_summaries(path.read_bytes()):
+            question = CHAT_QUESTIONS[zlib.crc32(name.encode()) % len(CHAT_QUESTIONS)]
+            messages = [{"role": "user", "content": question.format(name=f"{module}.{name}")},
+                        {"role": "assistant", "content": answer}]
+            yield Conversation(messages=messages, where=f"{path} {name}")
+
+
+def public_api_summaries(code: bytes | str) -> Iterator[tuple[str, str]]:
+    """(qualified name, first paragraph of its docstring) of the public module-level functions and classes of
+    Python source and of the public methods of those classes, in source order; undocumented ones are skipped."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return
+    kinds = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in tree.body:
+        if not isinstance(node, kinds) or node.name.startswith("_"):
+            continue
+        yield from _summary(node.name, node)
+        if isinstance(node, ast.ClassDef):
+            for child in node.body:
+                if isinstance(child, kinds[1:]) and not child.name.startswith("_"):
+                    yield from _summary(f"{node.name}.{child.name}", child)
+
+
+def _summary(name: str, node: ast.AST) -> Iterator[tuple[str, str]]:
+    docstring = ast.get_docstring(node, clean=True)
+    paragraph = docstring.strip().split("\n\n")[0].strip() if docstring else ""
+    if len(paragraph.split()) >= 3:  # "Return self." says nothing worth learning
+        yield name, paragraph
 
 
 def python_docstrings(code: bytes | str) -> Iterator[str]:
@@ -308,11 +368,13 @@ def python_docstrings(code: bytes | str) -> Iterator[str]:
 
 __all__ = [
     "CHAT_ROLES",
+    "CHAT_SOURCE_TYPES",
     "SOURCE_TYPES",
     "REPO_FILE_HEADER",
     "Conversation",
     "SourceConfig",
     "iter_documents",
+    "public_api_summaries",
     "python_docstrings",
     "repository_document",
     "stdlib_dir",

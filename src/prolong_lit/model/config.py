@@ -59,7 +59,12 @@ def build_llama_config(
         config = _checkpoint_config(model)
     else:
         config = LlamaConfig(**size_config_kwargs(model))
-    for key, value in (model_overrides or {}).items():
+    overrides = dict(model_overrides or {})
+    if ({"hidden_size", "num_attention_heads"} & overrides.keys()) and "head_dim" not in overrides:
+        # head_dim is stored explicitly; keep it consistent with a changed width or head count
+        hidden = overrides.get("hidden_size", config.hidden_size)
+        overrides["head_dim"] = hidden // overrides.get("num_attention_heads", config.num_attention_heads)
+    for key, value in overrides.items():
         _apply_override(config, key, value)
     config.rope_parameters = _rope_parameters(config.rope_parameters, rope_theta, rope_scaling)
     if max_position_embeddings is not None:
@@ -85,9 +90,11 @@ def build_llama_model(model: str, config: LlamaConfig, attn_implementation: str)
     config = copy.deepcopy(config)  # the model keeps (and mutates) its own copy
     if is_checkpoint_dir(model):
         log.info("loading weights from %s (%s)", model, dtype)
+        # from_pretrained returns eval mode, which Lightning keeps and which silently disables transformers'
+        # activation checkpointing: training starts in train mode
         return LlamaForCausalLM.from_pretrained(
             model, config=config, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
-        )
+        ).train()
     config._attn_implementation = attn_implementation
     return LlamaForCausalLM(config)
 

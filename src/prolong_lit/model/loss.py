@@ -28,20 +28,27 @@ def _chunk_cross_entropy(lm_head: Callable[[torch.Tensor], torch.Tensor], hidden
 
 def chunked_cross_entropy_sum(
     hidden: torch.Tensor,  # (B, L, d): the final norm's output
-    labels: torch.Tensor,  # (B, L): NOT shifted; position t's output predicts labels[t + 1]
+    labels: torch.Tensor,  # (B, L): NOT shifted (position t's output predicts labels[t + 1]) unless labels_shifted
     lm_head: Callable[[torch.Tensor], torch.Tensor],
     chunk_size: int = 2048,
+    labels_shifted: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies in fp32, number of loss tokens) over labels != -100, shifted per row.
 
     `lm_head` is called as a module (not its weight) so FSDP's hooks gather its parameters as usual. Only
     positions with a label are projected, so masked tokens (SFT prompts, document starts) cost nothing.
+    With `labels_shifted`, labels[t] is already position t's target (sequence parallelism shifts the whole row
+    before cutting it into chunks, so a chunk's last position keeps the next chunk's first token as target).
     """
     if chunk_size < 1:
         raise ValueError(f"model.loss_chunk_size must be >= 1, got {chunk_size}")
     width = hidden.shape[-1]
-    states = hidden[:, :-1].reshape(-1, width)  # (B*(L-1), d)
-    targets = labels[:, 1:].reshape(-1)  # (B*(L-1),)
+    if labels_shifted:
+        states = hidden.reshape(-1, width)  # (B*L, d)
+        targets = labels.reshape(-1)  # (B*L,)
+    else:
+        states = hidden[:, :-1].reshape(-1, width)  # (B*(L-1), d)
+        targets = labels[:, 1:].reshape(-1)  # (B*(L-1),)
     keep = targets != IGNORE_INDEX
     count = keep.sum()
     states, targets = states[keep], targets[keep]  # (n, d), (n,)

@@ -4,7 +4,8 @@ Loss normalisation (the contract in the DataModule's collate): every micro-batch
 number of loss tokens in the whole optimizer step over all micro-batches and data-parallel ranks. The training
 step returns sum_CE / step_loss_tokens * A * W; Lightning divides by A (accumulate_grad_batches) and DDP/FSDP
 average over W ranks, so the gradient is exactly that of the mean over every loss token of the step, however
-unevenly the tokens fall between micro-batches (SFT) or ranks.
+unevenly the tokens fall between micro-batches (SFT) or ranks. Under sequence parallelism (parallel/sequence.py)
+W is still the whole world: the P ranks of a group hold different tokens of the same rows (gradient_average_size).
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from prolong_lit.model.attention import DEFAULT_DOCMASK_BLOCK_SIZE, resolve_attn
 from prolong_lit.model.config import architecture, build_llama_config, build_llama_model
 from prolong_lit.model.loss import chunked_cross_entropy_sum
 from prolong_lit.model.schedule import build_optimizer
+from prolong_lit.parallel.fsdp import ShardingConfig, build_sharded_llama, fsdp_mesh
+from prolong_lit.parallel.sequence import (
+    LABELS_SHIFTED,
+    SequenceParallel,
+    check_sequence_parallel_shape,
+    init_sequence_parallel,
+    shard_batch,
+)
+from prolong_lit.parallel.ulysses import SP_KWARG, sequence_parallel_attn_name
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,11 @@ class LongContextLM(pl.LightningModule):
         docmask_block_size: int = DEFAULT_DOCMASK_BLOCK_SIZE,
         loss_chunk_size: int = 2048,
         activation_checkpointing: bool = False,
+        fsdp_param_dtype: str | None = None,
+        fsdp_reduce_dtype: str | None = "float32",
+        fsdp_cpu_offload: bool = False,
+        fsdp_reshard_after_forward: bool = True,
+        sequence_parallel_size: int = 1,
         lr: float = 1e-5,
         betas: tuple[float, float] = (0.9, 0.95),
         weight_decay: float = 0.1,
@@ -65,6 +80,16 @@ class LongContextLM(pl.LightningModule):
             docmask_block_size: queries per SDPA call in the document-masked attention (memory ~ block x doc length).
             loss_chunk_size: tokens per chunk of the LM head + cross-entropy (the full logits never exist).
             activation_checkpointing: recompute each decoder layer in backward (needed at 64K and beyond).
+            fsdp_param_dtype: under a sharding strategy (FSDP2Strategy / ModelParallelStrategy), the compute and
+                all-gather dtype of the parameters (bfloat16: the recipe's mixed precision, fp32 master weights
+                kept sharded); null computes in the parameters' own dtype (full fp32). Ignored without sharding.
+            fsdp_reduce_dtype: under sharding, the dtype gradients are reduced in (float32); null: fsdp_param_dtype.
+            fsdp_cpu_offload: under sharding, keep sharded parameters, gradients and optimizer states on the CPU.
+            fsdp_reshard_after_forward: under sharding, free each decoder layer's gathered parameters after its
+                forward (less memory, one more all-gather per layer in backward).
+            sequence_parallel_size: P, the ranks that share every row (Ulysses all-to-all attention; ProLong: 8
+                at 512K). Must divide the world size, model.seq_len and the attention heads; the ranks of a group
+                read the same samples, so the data-parallel size is world / P.
             lr: peak learning rate (paper: 1e-5; SFT 2e-5).
             betas: AdamW betas.
             weight_decay: AdamW weight decay on matrices (not on norms and biases).
@@ -85,6 +110,16 @@ class LongContextLM(pl.LightningModule):
                 f"model.max_position_embeddings ({self.hf_config.max_position_embeddings}) must be >= "
                 f"model.seq_len ({seq_len}); set model.max_position_embeddings"
             )
+        # sequence parallelism: the attention's twin that can exchange heads for sequence; the group is built in
+        # setup, once the process group exists
+        self.sequence_parallel_size = sequence_parallel_size  # read by the DataModule (data-parallel rank/size)
+        self.sequence_parallel: SequenceParallel | None = None
+        if sequence_parallel_size != 1:
+            check_sequence_parallel_shape(sequence_parallel_size, seq_len, self.hf_config.num_attention_heads,
+                                          self.hf_config.num_key_value_heads)
+            self.attn_name = sequence_parallel_attn_name(self.attn_name)
+        self.fsdp_config = ShardingConfig(fsdp_param_dtype, fsdp_reduce_dtype, fsdp_cpu_offload,
+                                          fsdp_reshard_after_forward)  # applied when a device mesh exists
         self.model = None  # LlamaForCausalLM, built in configure_model
         self.tokenizer_name: str | None = None  # from the prepared data's manifest, recorded in checkpoints
         self._step_loss_sum: torch.Tensor | None = None  # detached sum_CE of this optimizer step, this rank
@@ -95,25 +130,42 @@ class LongContextLM(pl.LightningModule):
     # -- model -------------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Build the Hugging Face model (once). Lightning calls this inside its init contexts (device, dtype);
-        a sharding strategy can wrap `self.model` after it."""
+        """Build the Hugging Face model (once). Lightning calls this inside its init contexts (device, dtype).
+        Under a sharding strategy (a device mesh exists: FSDP2Strategy, ModelParallelStrategy) the model is
+        FSDP2-sharded here (prolong_lit.parallel.fsdp); a checkpoint is then loaded shard by shard."""
         if self.model is not None:
             return
-        self.model = build_llama_model(self.hparams.model, self.hf_config, self.attn_name)
-        if self.hparams.activation_checkpointing:
-            # transformers >= 5.2x renamed gradient_checkpointing_enable; both checkpoint each decoder layer
-            enable = getattr(self.model, "activation_checkpointing_enable", None)
-            if enable is not None:
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        log.info("built %s: %.1fM parameters, attention %s", self.hparams.model,
-                 sum(p.numel() for p in self.model.parameters()) / 1e6, self.attn_name)
+        if self.device_mesh is None:
+            self.model = build_llama_model(self.hparams.model, self.hf_config, self.attn_name)
+            self._enable_activation_checkpointing(self.model)
+        else:
+            self.model = build_sharded_llama(self.hparams.model, self.hf_config, self.attn_name,
+                                             fsdp_mesh(self.device_mesh), self.fsdp_config,
+                                             prepare=self._enable_activation_checkpointing)
+        log.info("built %s: %.1fM parameters, attention %s%s", self.hparams.model,
+                 sum(p.numel() for p in self.model.parameters()) / 1e6, self.attn_name,
+                 "" if self.device_mesh is None else f", sharded ({self.fsdp_config})")
+
+    def _enable_activation_checkpointing(self, model: torch.nn.Module) -> None:
+        if not self.hparams.activation_checkpointing:
+            return
+        # transformers >= 5.2x renamed gradient_checkpointing_enable; both checkpoint each decoder layer's forward
+        # (inside FSDP2's hooks, which then stay outside the recompute)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Final hidden states (B, L, d) of a packed micro-batch; documents never attend to each other."""
+        """Final hidden states (B, L, d) of a packed micro-batch; documents never attend to each other.
+
+        A micro-batch cut by `shard_batch` (sequence parallelism) holds this rank's chunk of every row; when its
+        documents cross chunk boundaries it carries the group, and attention exchanges heads for sequence."""
         cu_seq_lens = batch["cu_seq_lens"]
         max_seqlen = int(batch["max_seqlen"])
+        sequence_parallel = batch.get(SP_KWARG)
+        extra = {SP_KWARG: sequence_parallel} if sequence_parallel is not None else {}
         out = self.model.model(
             input_ids=batch["input_ids"],
             position_ids=batch["position_ids"],
@@ -123,24 +175,43 @@ class LongContextLM(pl.LightningModule):
             max_length_k=max_seqlen,
             use_cache=False,
             docmask_block_size=self.hparams.docmask_block_size,
+            **extra,
         )
         return out.last_hidden_state  # (B, L, d)
 
     def compute_loss_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token cross-entropies, number of loss tokens) of a micro-batch; labels are unshifted."""
+        """(sum of token cross-entropies, number of loss tokens) of a micro-batch; labels are unshifted unless
+        the batch says `labels_shifted` (a sequence-parallel chunk)."""
+        if self.sequence_parallel is not None and LABELS_SHIFTED not in batch:
+            # a DataModule's own on_after_batch_transfer replaced ours: shard here, the loss stays exact
+            batch = shard_batch(batch, self.sequence_parallel)
         hidden = self(batch)  # (B, L, d)
-        return chunked_cross_entropy_sum(hidden, batch["labels"], self.model.lm_head, self.hparams.loss_chunk_size)
+        return chunked_cross_entropy_sum(hidden, batch["labels"], self.model.lm_head, self.hparams.loss_chunk_size,
+                                         labels_shifted=bool(batch.get(LABELS_SHIFTED, False)))
 
     # -- training ----------------------------------------------------------------------------------------------
 
     def data_parallel_size(self) -> int:
-        """Ranks whose gradients are averaged (W of the loss contract)."""
+        """Ranks that read different samples: the world size over model.sequence_parallel_size."""
+        return self.trainer.world_size // self.sequence_parallel_size
+
+    def gradient_average_size(self) -> int:
+        """Ranks DDP/FSDP average gradients over (W of the loss contract): all of them. Under sequence
+        parallelism the P ranks of a group hold different tokens of the same rows and their gradients must add up,
+        not average: scaling by world = data_parallel_size * P, not data_parallel_size, does exactly that."""
         return self.trainer.world_size
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Under sequence parallelism, keep this rank's chunk of every row (parallel/sequence.py); callbacks
+        then see the chunk too, so token counts summed over ranks stay exact."""
+        if self.sequence_parallel is not None and isinstance(batch, dict) and "cu_seq_lens" in batch:
+            return shard_batch(batch, self.sequence_parallel)
+        return batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss_sum, _ = self.compute_loss_sum(batch)
         step_tokens = torch.as_tensor(batch["step_loss_tokens"], device=loss_sum.device)
-        scale = self.trainer.accumulate_grad_batches * self.data_parallel_size()
+        scale = self.trainer.accumulate_grad_batches * self.gradient_average_size()
         detached = loss_sum.detach()
         self._step_loss_sum = detached if self._step_loss_sum is None else self._step_loss_sum + detached
         self._step_loss_tokens = step_tokens
@@ -197,6 +268,10 @@ class LongContextLM(pl.LightningModule):
         if manifest is not None:
             check_manifest(manifest, self.hparams.seq_len, self.hf_config.vocab_size, self.hparams.model)
             self.tokenizer_name = manifest.tokenizer
+        if self.sequence_parallel_size > 1 and self.sequence_parallel is None:
+            self.sequence_parallel = init_sequence_parallel(
+                self.sequence_parallel_size, self.trainer.strategy.root_device.type, self.device_mesh
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[HF_CONFIG_KEY] = self.hf_config.to_dict()

@@ -1,0 +1,334 @@
+"""`pipeline`: run the named phases of a pipeline file in order, resumably.
+
+    python -m prolong_lit pipeline --config configs/demo/pipeline.yaml [--run_dir DIR]
+
+Each phase is an ordinary `fit` (see `pipeline_config.py` for the file): its complete config is written to
+`<run_dir>/<phase>/fit.yaml` and run in this process by the same LightningCLI as `fit`. A phase that starts from
+an earlier one gets that phase's Hugging Face export as its model; with `carry_optimizer` it also gets that
+phase's AdamW moments while its LR schedule and step count restart (`callbacks/optimizer_handoff.py`). At the
+end of a phase: its final checkpoint (`checkpoints/final.ckpt`, saved whatever the checkpoint interval), its
+export (`export/`), and `phase.json` (steps, tokens, final losses, eval scores), written last: the marker of a
+finished phase. At the end of the run, `summary.md` / `summary.json` tabulate every phase.
+
+Re-running the same command skips finished phases, exports a phase whose training finished but whose export did
+not, and resumes an interrupted phase from `checkpoints/last.ckpt`. Under several processes (torchrun, srun, or
+Lightning's own launcher, which re-runs this command per device) every rank runs this loop; files other than the
+fit configs are written by global rank 0, and ranks meet at a barrier after each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prolong_lit.pipeline_config import (
+    PhaseConfig,
+    PipelineConfig,
+    init_source,
+    load_pipeline_config,
+    phase_fit_config,
+    write_yaml,
+)
+
+log = logging.getLogger(__name__)
+
+FIT_CONFIG = "fit.yaml"
+MARKER = "phase.json"
+FIT_STATS = ".fit-stats.json"  # steps, tokens, metrics of a finished fit, until the marker holds them
+FINAL_CHECKPOINT = "final.ckpt"
+LAST_CHECKPOINT = "last.ckpt"
+EXPORT_DIR = "export"
+SUMMARY_METRICS = ("train/loss", "val/loss")  # plus every eval/* metric
+
+
+@dataclass
+class PhaseResult:
+    """What a finished phase did: the row of the summary, also its `phase.json` marker."""
+
+    name: str
+    steps: int
+    tokens: int | None
+    metrics: dict[str, float]
+    export: str | None
+    checkpoint: str
+    config_digest: str
+    seconds: float = 0.0
+    actions: list[str] = field(default_factory=list)  # this invocation: skipped / trained / resumed / exported
+
+
+class PhaseIncomplete(RuntimeError):
+    """A phase's training stopped before trainer.max_steps (a callback or signal asked it to stop)."""
+
+
+def is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def phase_dir(config: PipelineConfig, name: str) -> Path:
+    return Path(config.run_dir) / name
+
+
+def read_marker(directory: Path) -> PhaseResult | None:
+    """The phase's result if it finished (marker written and its export, if any, present)."""
+    marker = directory / MARKER
+    if not marker.is_file():
+        return None
+    result = PhaseResult(**json.loads(marker.read_text()))
+    if result.export is not None and not (Path(result.export) / "config.json").is_file():
+        return None
+    return result
+
+
+def run_pipeline(config: PipelineConfig) -> list[PhaseResult]:
+    """Run (or skip, or resume) every phase in order; returns one result per phase and writes the summary."""
+    finished_before = [read_marker(phase_dir(config, phase.name)) for phase in config.phases]
+    for i, finished in enumerate(finished_before):  # a bad phase config fails before the first phase trains
+        if finished is None:
+            check_phase_parses(config, i)
+    results = []
+    for i, phase in enumerate(config.phases):
+        directory = phase_dir(config, phase.name)
+        fit_config = build_phase_config(config, i)
+        digest = hashlib.sha256(json.dumps(fit_config, sort_keys=True).encode()).hexdigest()[:16]
+        finished = finished_before[i]
+        if finished is not None:
+            if finished.config_digest != digest:
+                log.warning("phase %s finished earlier with a different config; keeping it (delete %s to rerun it)",
+                            phase.name, directory)
+            log.info("phase %s: finished earlier, skipped", phase.name)
+            finished.actions = ["skipped"]
+            results.append(finished)
+            continue
+        check_inputs(config, i)
+        results.append(run_phase(config, phase, directory, fit_config, digest))
+        barrier()  # the next phase reads this one's export
+    if is_rank_zero():
+        write_summary(Path(config.run_dir), results)
+    return results
+
+
+def build_phase_config(config: PipelineConfig, index: int) -> dict[str, Any]:
+    """Phase `index`'s complete fit config (the earlier phase's export and final checkpoint filled in)."""
+    phase = config.phases[index]
+    source = init_source(config, index)
+    init_model = carry = None
+    if source is not None:
+        init_model = str(phase_dir(config, source) / EXPORT_DIR)
+        if phase.carry_optimizer:
+            carry = str(phase_dir(config, source) / "checkpoints" / FINAL_CHECKPOINT)
+    return phase_fit_config(phase, phase_dir(config, phase.name), init_model, carry)
+
+
+def check_inputs(config: PipelineConfig, index: int) -> None:
+    """Before phase `index` builds anything: the export it starts from exists, and so does the optimizer state
+    it carries (readable, with its parameter names)."""
+    source = init_source(config, index)
+    if source is None:
+        return
+    where = f"phases[{index}] ({config.phases[index].name})"
+    export = phase_dir(config, source) / EXPORT_DIR
+    if not (export / "config.json").is_file():
+        raise FileNotFoundError(f"{where}.init_from: phase {source!r} has no export at {str(export)!r}")
+    if config.phases[index].carry_optimizer:
+        from prolong_lit.callbacks.optimizer_handoff import saved_state_shapes
+
+        checkpoint = phase_dir(config, source) / "checkpoints" / FINAL_CHECKPOINT
+        if not checkpoint.exists():
+            raise FileNotFoundError(
+                f"{where}.carry_optimizer: phase {source!r}'s final checkpoint {str(checkpoint)!r} (the optimizer "
+                "state to carry) is missing; restore it, or set carry_optimizer: false"
+            )
+        saved_state_shapes(checkpoint)  # raises if it holds no usable optimizer state
+
+
+def check_phase_parses(config: PipelineConfig, index: int) -> None:
+    """Parse (not instantiate) phase `index`'s fit config with the `fit` parser; a clear error if it fails."""
+    import contextlib
+    import io
+    import tempfile
+
+    from prolong_lit.cli import ProLongCLI
+
+    phase = config.phases[index]
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / FIT_CONFIG
+        write_yaml(build_phase_config(config, index), path)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                ProLongCLI(args=["fit", "--config", str(path), "--print_config"])
+                code = 0
+            except SystemExit as exit_info:
+                code = exit_info.code
+    if code not in (0, None):
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        raise ValueError(
+            f"phases[{index}] ({phase.name}): its fit config does not parse (config {phase.config} + overrides): "
+            + (lines[-1] if lines else f"exit code {code}")
+        )
+
+
+def prepare_data(phase: PhaseConfig) -> None:
+    """Run the phase's `prepare` arguments unless their output_dir already holds prepared data (rank 0 only:
+    the other ranks wait in the process-group set-up of the phase's fit)."""
+    if not phase.prepare or not is_rank_zero():
+        return
+    from prolong_lit.data.format import MANIFEST_NAME
+    from prolong_lit.data.prepare import parse_config, prepare
+
+    data_config, overwrite = parse_config([str(arg) for arg in phase.prepare])
+    if (Path(data_config.output_dir) / MANIFEST_NAME).is_file() and not overwrite:
+        log.info("phase %s: data at %s is prepared", phase.name, data_config.output_dir)
+        return
+    log.info("phase %s: preparing %s", phase.name, data_config.output_dir)
+    prepare(data_config, overwrite=overwrite)
+
+
+def run_phase(
+    config: PipelineConfig, phase: PhaseConfig, directory: Path, fit_config: dict[str, Any], digest: str
+) -> PhaseResult:
+    """Train (or resume) one phase, then save its final checkpoint, export it and write its marker."""
+    started = time.perf_counter()
+    final = directory / "checkpoints" / FINAL_CHECKPOINT
+    last = directory / "checkpoints" / LAST_CHECKPOINT
+    actions: list[str] = []
+    steps, tokens, metrics = 0, None, {}
+    if final.exists():  # trained earlier; the export or the marker is missing
+        steps, tokens, metrics = _saved_fit_stats(directory)
+    else:
+        prepare_data(phase)
+        fit_path = directory / FIT_CONFIG
+        write_yaml(fit_config, fit_path)
+        args = ["fit", "--config", str(fit_path)]
+        if last.exists():
+            args += ["--ckpt_path", str(last)]
+            actions.append("resumed")
+            log.info("phase %s: resuming from %s", phase.name, last)
+        else:
+            actions.append("trained")
+            log.info("phase %s: training (%s)", phase.name, fit_path)
+        steps, tokens, metrics = _fit(phase, args, final)
+        if is_rank_zero():  # what only the trainer knew, kept in case the export below is interrupted
+            write_json({"steps": steps, "tokens": tokens, "metrics": metrics}, directory / FIT_STATS)
+    export = None
+    if phase.export:
+        export = directory / EXPORT_DIR
+        if is_rank_zero():
+            from prolong_lit.export import export_hf
+
+            export_hf(final, export, dtype=config.export_dtype, overwrite=True)
+            actions.append("exported")
+    result = PhaseResult(
+        name=phase.name, steps=steps, tokens=tokens, metrics=metrics, export=None if export is None else str(export),
+        checkpoint=str(final), config_digest=digest, seconds=round(time.perf_counter() - started, 1),
+        actions=actions,
+    )
+    if is_rank_zero():
+        write_json(result.__dict__, directory / MARKER)
+    log.info("phase %s: finished (%s) in %.0f s", phase.name, ", ".join(actions), result.seconds)
+    return result
+
+
+def _fit(phase: PhaseConfig, args: list[str], final: Path) -> tuple[int, int | None, dict[str, float]]:
+    """Run `fit` in this process; save the final checkpoint; return (steps, tokens, final metrics)."""
+    from prolong_lit.cli import ProLongCLI
+
+    cli = ProLongCLI(args=args)
+    trainer = cli.trainer
+    if trainer.interrupted or trainer.global_step < trainer.max_steps:
+        raise PhaseIncomplete(
+            f"phase {phase.name!r} stopped at step {trainer.global_step} of {trainer.max_steps}; run the same "
+            "command again to resume it from its last checkpoint"
+        )
+    trainer.save_checkpoint(final)  # collective; the hand-off callback records the parameter names in it
+    metrics = {
+        key: float(value) for key, value in sorted(trainer.callback_metrics.items())
+        if key in SUMMARY_METRICS or key.startswith("eval/")
+    }
+    datamodule = trainer.datamodule
+    tokens = None
+    if hasattr(datamodule, "consumed_samples") and hasattr(datamodule, "seq_len"):
+        tokens = int(datamodule.consumed_samples()) * int(datamodule.seq_len)
+    steps = int(trainer.global_step)
+    del cli, trainer, datamodule
+    gc.collect()
+    return steps, tokens, metrics
+
+
+def _saved_fit_stats(directory: Path) -> tuple[int, int | None, dict[str, float]]:
+    draft = directory / FIT_STATS
+    if not draft.is_file():
+        return 0, None, {}
+    stats = json.loads(draft.read_text())
+    return stats["steps"], stats["tokens"], stats["metrics"]
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    scratch.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(scratch, path)
+
+
+# ---- summary ------------------------------------------------------------------------------------------------
+
+
+def summary_table(results: list[PhaseResult]) -> str:
+    """A Markdown table: one row per phase; steps, tokens, final train/val loss, then the eval scores: the
+    category averages (`eval/<category>`) when there are any, else every `eval/<task>@<length>` (all of them are
+    in summary.json and in each phase's evaluation report)."""
+    evals = sorted({key for r in results for key in r.metrics if key.startswith("eval/")})
+    evals = [key for key in evals if "@" not in key] or evals
+    header = ["phase", "steps", "tokens", *SUMMARY_METRICS, *evals]
+    rows = [header, ["---"] * len(header)]
+    for r in results:
+        values = [r.metrics.get(key) for key in (*SUMMARY_METRICS, *evals)]
+        rows.append([r.name, str(r.steps), _tokens(r.tokens), *(_number(v) for v in values)])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def _tokens(tokens: int | None) -> str:
+    if tokens is None:
+        return "-"
+    for unit, size in (("B", 2**30), ("M", 2**20), ("K", 2**10)):  # binary prefixes, as the paper
+        if tokens >= size:
+            return f"{tokens / size:.3g}{unit}"
+    return str(tokens)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def write_summary(run_dir: Path, results: list[PhaseResult]) -> None:
+    table = summary_table(results)
+    (run_dir / "summary.md").write_text(table)
+    write_json({"phases": [r.__dict__ for r in results]}, run_dir / "summary.json")
+    log.info("pipeline summary (%s):\n%s", run_dir / "summary.md", table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m prolong_lit pipeline --config PIPELINE.yaml [--run_dir DIR]`."""
+    parser = argparse.ArgumentParser(prog="prolong_lit pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the pipeline file (run_dir, phases)")
+    parser.add_argument("--run_dir", default=None, help="replaces the file's run_dir")
+    args = parser.parse_args(argv)
+    run_pipeline(load_pipeline_config(args.config, run_dir=args.run_dir))

@@ -1,0 +1,261 @@
+"""The pipeline file: named phases, each an ordinary `fit` config plus overrides (see `pipeline.py`).
+
+    run_dir: runs/prolong-8b              # one directory per phase below it
+    paths: {model: /path/to/Meta-Llama-3-8B-Instruct}   # free-form settings, for ${paths.x} interpolation
+    phases:
+      - name: stage1-64k
+        config: configs/prolong-8b/stage1-64k.yaml
+        overrides: {model.init_args.model: "${paths.model}"}
+      - name: stage2-512k
+        config: configs/prolong-8b/stage2-512k.yaml
+        carry_optimizer: true             # start from stage1-64k's export AND its AdamW moments
+
+The file is read with OmegaConf and its `${...}` resolved first. Each phase's fit config is then built here, not
+by LightningCLI: its files are merged in order, the overrides replace the values at their dotted keys, and only
+then are the fit config's own `${...}` resolved (so `model.init_args.seq_len: ${data.init_args.seq_len}` follows
+an overridden data length). The pipeline then points the phase at its directory and writes the result to
+`<run_dir>/<phase>/fit.yaml`, an ordinary config that `python -m prolong_lit fit --config` runs as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PREVIOUS = "previous"  # init_from's default: the phase listed before this one
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # = prolong_lit.export.DTYPES
+CHECKPOINT_CLASS = "ModelCheckpoint"
+FILE_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # loggers whose directory the pipeline points into the phase
+HANDOFF_CALLBACK = "prolong_lit.callbacks.optimizer_handoff.CarryOptimizerState"
+
+
+@dataclass
+class PhaseConfig:
+    """One phase: an ordinary `fit` run.
+
+    Args:
+        name: the phase's name: its directory under run_dir and its row in the summary.
+        config: the fit config file(s) (LightningCLI YAML), merged in order (a later file replaces lists).
+        overrides: dotted key -> value (e.g. `trainer.max_steps: 100`); each replaces the value at its key of
+            the merged config before the config's own ${...} interpolations resolve.
+        init_from: the earlier phase whose Hugging Face export this phase's model starts from (it becomes
+            model.init_args.model); `previous` (default): the phase listed before, none for the first; null: the
+            config's own model.
+        carry_optimizer: also copy the AdamW state of init_from's final checkpoint into this phase's optimizer,
+            while the LR schedule and step count restart (ProLong's 64K -> 512K hand-off).
+        callbacks: appended to the phase's trainer.callbacks: class_path/init_args entries, or YAML bundle files
+            holding trainer.callbacks (e.g. callbacks/long_eval.yaml). Per-phase evaluation goes here.
+        prepare: arguments of `python -m prolong_lit prepare` (e.g. [--config, configs/data/demo.yaml]), run
+            before the phase when their output_dir holds no manifest.json yet.
+        export: write the Hugging Face export at the phase end (a phase that a later one starts from needs it).
+    """
+
+    name: str
+    config: list[str]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = PREVIOUS
+    carry_optimizer: bool = False
+    callbacks: list[Any] = field(default_factory=list)
+    prepare: list[str] | None = None
+    export: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    """A pipeline of phases run in order.
+
+    Args:
+        run_dir: the directory of the run: `<run_dir>/<phase>/` per phase, and the summary.
+        phases: the phases, in order.
+        export_dtype: weight dtype of each phase's export; the next phase starts from it, so float32 (default)
+            keeps the trained weights exact, bfloat16 halves the size.
+        paths: free-form settings (paths the user fills in), referenced elsewhere in the file as ${paths.name}.
+    """
+
+    run_dir: str
+    phases: list[PhaseConfig]
+    export_dtype: str = "float32"
+    paths: dict[str, Any] = field(default_factory=dict)
+
+
+def load_pipeline_config(path: str | Path, run_dir: str | None = None) -> PipelineConfig:
+    """Read and check a pipeline file (its ${...} resolved); `run_dir` replaces the file's."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: {str(path)!r} does not exist")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # a YAML error or an interpolation that names no key
+        raise ValueError(f"--config: {str(path)!r} does not load: {err}") from err
+    if not isinstance(raw, dict) or "phases" not in raw:
+        raise ValueError(f"--config: {str(path)!r} is not a pipeline file (it has no `phases` list)")
+    if run_dir is not None:
+        raw["run_dir"] = run_dir
+    _check_keys(raw, PipelineConfig, "")
+    if not raw.get("run_dir"):
+        raise ValueError("run_dir: set the directory the pipeline writes its phases into")
+    if not isinstance(raw["phases"], list) or not raw["phases"]:
+        raise ValueError("phases: give a non-empty list of phases")
+    phases = [_phase(entry, i) for i, entry in enumerate(raw["phases"])]
+    config = PipelineConfig(**{**raw, "phases": phases})
+    validate(config)
+    return config
+
+
+def _check_keys(raw: Any, schema: type, where: str) -> None:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where or 'the pipeline file'}: expected a mapping, got {type(raw).__name__}")
+    known = [f.name for f in fields(schema)]
+    for key in raw:
+        if key not in known:
+            raise ValueError(f"{where}{key}: unknown setting (known: {', '.join(known)})")
+
+
+def _phase(raw: Any, index: int) -> PhaseConfig:
+    where = f"phases[{index}]."
+    _check_keys(raw, PhaseConfig, where)
+    for key in ("name", "config"):
+        if not raw.get(key):
+            raise ValueError(f"{where}{key}: required")
+    raw = dict(raw)
+    raw["config"] = [raw["config"]] if isinstance(raw["config"], str) else list(raw["config"])
+    for key, kind in (("overrides", dict), ("callbacks", list), ("prepare", list)):
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise ValueError(f"{where}{key}: expected a {kind.__name__}, got {raw[key]!r}")
+    return PhaseConfig(**raw)
+
+
+def validate(config: PipelineConfig) -> None:
+    """Every cross-phase rule, checked before anything runs; errors name the setting to fix."""
+    if config.export_dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export_dtype: {config.export_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    names = [phase.name for phase in config.phases]
+    for i, phase in enumerate(config.phases):
+        where = f"phases[{i}] ({phase.name})"
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", str(phase.name)):
+            raise ValueError(f"phases[{i}].name: {phase.name!r} must be a directory name (letters, digits, _ . -)")
+        if phase.name in names[:i]:
+            raise ValueError(f"phases[{i}].name: {phase.name!r} is used by an earlier phase; names must be unique")
+        for file in phase.config:
+            if not Path(file).is_file():
+                raise FileNotFoundError(f"{where}.config: {file!r} does not exist")
+        for key in phase.overrides:
+            if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key):
+                raise ValueError(f"{where}.overrides: {key!r} is not a dotted key like trainer.max_steps")
+        for j, entry in enumerate(phase.callbacks):
+            if isinstance(entry, str) and not Path(entry).is_file():
+                raise FileNotFoundError(f"{where}.callbacks[{j}]: {entry!r} does not exist")
+            if not isinstance(entry, str) and not (isinstance(entry, dict) and "class_path" in entry):
+                raise ValueError(f"{where}.callbacks[{j}]: give a YAML bundle file or a class_path/init_args entry")
+        source = init_source(config, i)
+        if source is not None and source not in names[:i]:
+            later = source in names
+            raise ValueError(
+                f"{where}.init_from: {source!r} is {'a later phase' if later else 'not a phase of this pipeline'}; "
+                f"a phase starts from an EARLIER phase (here: {', '.join(names[:i]) or 'none'}) or from null"
+            )
+        if source is not None and not config.phases[names.index(source)].export:
+            raise ValueError(f"{where}.init_from: phase {source!r} has export: false; the next phase starts from it")
+        if phase.carry_optimizer and source is None:
+            raise ValueError(f"{where}.carry_optimizer: needs init_from (the phase whose optimizer state to carry)")
+
+
+def init_source(config: PipelineConfig, index: int) -> str | None:
+    """The name of the phase that phase `index` starts from, or None."""
+    init_from = config.phases[index].init_from
+    if init_from == PREVIOUS:
+        return config.phases[index - 1].name if index > 0 else None
+    return init_from
+
+
+# ---- building a phase's fit config ------------------------------------------------------------------------------
+
+
+def merged_fit_config(phase: PhaseConfig) -> dict[str, Any]:
+    """The phase's fit files merged, its overrides applied, then its ${...} resolved (a plain dict)."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.merge(*[OmegaConf.load(file) for file in phase.config])
+    for key, value in phase.overrides.items():
+        OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    try:
+        return OmegaConf.to_container(merged, resolve=True)
+    except Exception as err:
+        raise ValueError(f"phase {phase.name!r}: its fit config does not resolve: {err}") from err
+
+
+def callback_entries(phase: PhaseConfig) -> list[dict[str, Any]]:
+    """The phase's extra callbacks: entries as given, bundle files expanded to their trainer.callbacks."""
+    entries = []
+    for entry in phase.callbacks:
+        if isinstance(entry, str):
+            bundle = yaml.safe_load(Path(entry).read_text()) or {}
+            listed = (bundle.get("trainer") or {}).get("callbacks")
+            if not isinstance(listed, list):
+                raise ValueError(f"phase {phase.name!r}.callbacks: {entry!r} holds no trainer.callbacks list")
+            entries.extend(listed)
+        else:
+            entries.append(entry)
+    return entries
+
+
+def phase_fit_config(
+    phase: PhaseConfig, phase_dir: Path, init_model: str | None, carry_checkpoint: str | None
+) -> dict[str, Any]:
+    """The complete fit config of a phase: merged and overridden, then pointed at `phase_dir` (checkpoints,
+    logs), started from `init_model` (an export directory) if given, with the hand-off callback (which records
+    parameter names in every phase, and carries `carry_checkpoint`'s optimizer state if given) and the phase's
+    extra callbacks."""
+    config = merged_fit_config(phase)
+    trainer = config.setdefault("trainer", {}) or {}
+    config["trainer"] = trainer
+    trainer["default_root_dir"] = str(phase_dir)
+    if init_model is not None:
+        model = config.get("model")
+        if not isinstance(model, dict) or "init_args" not in model:
+            raise ValueError(f"phase {phase.name!r}: its fit config has no model.init_args to set `model` in")
+        model["init_args"]["model"] = init_model
+    _point_loggers(trainer, phase_dir, phase.name)
+    callbacks = list(trainer.get("callbacks") or [])
+    checkpoints = [c for c in callbacks if isinstance(c, dict) and _is_class(c, CHECKPOINT_CLASS)]
+    if len(checkpoints) != 1:
+        raise ValueError(
+            f"phase {phase.name!r}: trainer.callbacks holds {len(checkpoints)} ModelCheckpoint callbacks; the pipeline "
+            "needs exactly one (it resumes an interrupted phase from its last.ckpt)"
+        )
+    args = checkpoints[0].setdefault("init_args", {}) or {}
+    checkpoints[0]["init_args"] = args
+    args.update(dirpath=str(phase_dir / "checkpoints"), save_last=True)
+    callbacks.append({"class_path": HANDOFF_CALLBACK, "init_args": {"checkpoint": carry_checkpoint}})
+    callbacks.extend(callback_entries(phase))
+    trainer["callbacks"] = callbacks
+    return config
+
+
+def _is_class(entry: dict[str, Any], name: str) -> bool:
+    return str(entry.get("class_path", "")).rsplit(".", 1)[-1] == name
+
+
+def _point_loggers(trainer: dict[str, Any], phase_dir: Path, name: str) -> None:
+    """TensorBoard/CSV loggers write into `<phase_dir>/logs` (version fixed, so a resume appends there)."""
+    loggers = trainer.get("logger")
+    for entry in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(entry, dict) and any(_is_class(entry, cls) for cls in FILE_LOGGERS):
+            entry.setdefault("init_args", {})
+            entry["init_args"].update(save_dir=str(phase_dir.parent), name=name, version="logs")
+
+
+def write_yaml(data: dict[str, Any], path: Path) -> None:
+    """Write `data` as YAML atomically (every rank of a multi-process run may write the same file)."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{os.getpid()}")
+    scratch.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(scratch, path)

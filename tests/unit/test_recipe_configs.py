@@ -1,0 +1,185 @@
+"""The recipe configs carry the paper's numbers (reference §2, §3, §6; Table 9), and every pipeline file parses.
+
+The numbers are read from each phase's config as the pipeline builds it (stage file + the pipeline's overrides,
+paths interpolated), i.e. from what would actually run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prolong_lit.data.mixture import block_counts
+from prolong_lit.data.prepare import parse_config
+from prolong_lit.pipeline import build_phase_config, check_phase_parses
+from prolong_lit.pipeline_config import HANDOFF_CALLBACK, load_pipeline_config
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "phases" in (yaml.safe_load(p.read_text()) or {}))
+RECIPE = REPO / "configs/prolong-8b/pipeline.yaml"
+K, M = 2**10, 2**20
+
+STAGE1_WEIGHTS = {  # paper Table 9 / train_64K.sh
+    "code_repos": 0.30, "books": 0.30, "textbooks": 0.03, "fineweb_edu": 0.10, "fineweb": 0.10,
+    "stackexchange": 0.04, "wikipedia": 0.04, "tulu_v2": 0.03, "arxiv": 0.03, "openwebmath": 0.03,
+}
+STAGE2_WEIGHTS = {  # train_512K.sh
+    "code_repos_512k": 0.15, "code_repos_64k": 0.15, "books_512k": 0.05, "books_64k": 0.25, "textbooks": 0.03,
+    "fineweb_edu": 0.10, "fineweb": 0.10, "stackexchange": 0.04, "wikipedia": 0.04, "tulu_v2": 0.03,
+    "arxiv": 0.03, "openwebmath": 0.03,
+}
+SHORT_DOMAINS = {"textbooks", "fineweb_edu", "fineweb", "stackexchange", "wikipedia", "tulu_v2", "arxiv", "openwebmath"}
+
+
+@pytest.fixture(autouse=True)
+def at_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # pipeline files name configs relative to the repository
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    """name -> (phase settings, the phase's fit config as the pipeline builds it)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        config = load_pipeline_config(RECIPE)
+        return {p.name: (p, build_phase_config(config, i)) for i, p in enumerate(config.phases)}
+
+
+def rows_per_step(fit: dict) -> int:
+    """micro_batch x accumulation x data-parallel ranks (devices x nodes / sequence-parallel size)."""
+    trainer, model, data = fit["trainer"], fit["model"]["init_args"], fit["data"]["init_args"]
+    ranks = trainer["devices"] * trainer["num_nodes"]
+    sequence_parallel = model.get("sequence_parallel_size", 1)
+    assert ranks % sequence_parallel == 0
+    return data["micro_batch_size"] * trainer["accumulate_grad_batches"] * ranks // sequence_parallel
+
+
+def check_common(fit: dict) -> None:
+    """The optimizer settings shared by all three scripts (reference §2)."""
+    model, trainer = fit["model"]["init_args"], fit["trainer"]
+    assert model["betas"] == [0.9, 0.95] and model["weight_decay"] == 0.1 and model["eps"] == 1e-8
+    assert model["min_lr_ratio"] == 0.1  # cosine to 10% of the peak
+    assert trainer["gradient_clip_val"] == 1.0
+    assert model["seq_len"] == fit["data"]["init_args"]["seq_len"]
+    assert model["activation_checkpointing"] is True and model["loss_chunk_size"] == 2048
+    assert model.get("rope_scaling") is None  # a plain base change, no YaRN/NTK scaling
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_pipeline_file_parses(path):
+    config = load_pipeline_config(path)
+    for i in range(len(config.phases)):
+        check_phase_parses(config, i)
+
+
+def test_stage1_64k(recipe):
+    phase, fit = recipe["stage1-64k"]
+    model, data, trainer = fit["model"]["init_args"], fit["data"]["init_args"], fit["trainer"]
+    assert phase.init_from is None and model["model"] == "/path/to/Meta-Llama-3-8B-Instruct"
+    assert model["rope_theta"] == 8e6 and model["max_position_embeddings"] == 65536
+    assert data["seq_len"] == 65536 == 64 * K
+    assert rows_per_step(fit) == 64 and rows_per_step(fit) * data["seq_len"] == 4 * M  # 4M-token batches
+    assert trainer["max_steps"] == 5000
+    assert model["lr"] == 1e-5 and model["warmup_ratio"] == 0.1
+    check_common(fit)
+    assert data["weights"] == STAGE1_WEIGHTS
+
+
+def test_stage2_512k(recipe):
+    phase, fit = recipe["stage2-512k"]
+    model, data, trainer = fit["model"]["init_args"], fit["data"]["init_args"], fit["trainer"]
+    assert phase.init_from == "stage1-64k" and phase.carry_optimizer is True  # moments carried, schedule reset
+    assert model["model"] == "runs/prolong-8b/stage1-64k/export"
+    hand_off = [c for c in trainer["callbacks"] if c["class_path"] == HANDOFF_CALLBACK]
+    assert hand_off[0]["init_args"]["checkpoint"] == "runs/prolong-8b/stage1-64k/checkpoints/final.ckpt"
+    assert model["rope_theta"] == 1.28e8 and model["max_position_embeddings"] == 524288
+    assert data["seq_len"] == 524288 == 512 * K
+    assert rows_per_step(fit) == 16 and rows_per_step(fit) * data["seq_len"] == 8 * M  # 8M-token batches
+    assert trainer["max_steps"] == 2500
+    assert model["lr"] == 1e-5 and model["warmup_ratio"] == 0.1
+    check_common(fit)
+    assert data["weights"] == STAGE2_WEIGHTS
+    # the note beside the learning rate: the released script's 5e-6
+    text = (REPO / "configs/prolong-8b/stage2-512k.yaml").read_text()
+    note = text[: text.index("    lr: 1.0e-5")].splitlines()[-3:]
+    assert any("5e-6" in line for line in note) and any("5.0e-6" in line for line in note)
+
+
+def test_sft(recipe):
+    phase, fit = recipe["sft"]
+    model, data, trainer = fit["model"]["init_args"], fit["data"]["init_args"], fit["trainer"]
+    assert phase.init_from == "stage2-512k" and phase.carry_optimizer is False
+    assert model["model"] == "runs/prolong-8b/stage2-512k/export"
+    assert model["rope_theta"] is None  # inherits stage 2's 1.28e8
+    assert data["seq_len"] == 65536 and rows_per_step(fit) * data["seq_len"] == 4 * M
+    assert trainer["max_steps"] == 250
+    assert model["lr"] == 2e-5 and model["warmup_ratio"] == 0.05
+    check_common(fit)
+    assert data["weights"] == {"ultrachat": 1.0}
+
+
+def test_recipe_paths_are_one_place(tmp_path):
+    """Changing `paths` in the pipeline file moves every path of every phase; no placeholder is left over."""
+    text = RECIPE.read_text()
+    text = text.replace("/path/to/Meta-Llama-3-8B-Instruct", "/models/llama3").replace("data: data", "data: /d")
+    text = text.replace("runs: runs/prolong-8b", "runs: /r")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    config = load_pipeline_config(path)
+    fits = {p.name: build_phase_config(config, i) for i, p in enumerate(config.phases)}
+    assert "/path/to" not in yaml.safe_dump(fits)
+    assert fits["stage1-64k"]["model"]["init_args"]["model"] == "/models/llama3"
+    assert [f["data"]["init_args"]["data_dir"] for f in fits.values()] == [
+        "/d/prolong-64k", "/d/prolong-512k", "/d/ultrachat-64k"]
+    assert fits["sft"]["model"]["init_args"]["model"] == "/r/stage2-512k/export"
+
+
+def test_mixture_weights_are_exact():
+    for weights in (STAGE1_WEIGHTS, STAGE2_WEIGHTS):
+        assert sum(weights.values()) == pytest.approx(1.0, abs=1e-12)
+        # the mixture's blocks of 1000 rows hold exactly these shares
+        assert block_counts(list(weights.values())).tolist() == [round(w * 1000) for w in weights.values()]
+    # ShortMix inside stage 1: 37% of the mixture (FineWeb-Edu and FineWeb 10% each, ...)
+    short = sum(STAGE1_WEIGHTS[d] for d in SHORT_DOMAINS - {"textbooks"})
+    assert short == pytest.approx(0.37)
+
+
+def test_data_specs_prepare_each_domain_with_its_length_filter(recipe):
+    spec64, _ = parse_config(["--config", "configs/data/prolong-64k.yaml"])
+    assert spec64.seq_len == 65536 and set(spec64.domains) == set(STAGE1_WEIGHTS)
+    assert recipe["stage1-64k"][1]["data"]["init_args"]["data_dir"].endswith(Path(spec64.output_dir).name)
+    for name in ("code_repos", "books"):  # long documents only, one slice of one document per row
+        assert (spec64.domains[name].mode, spec64.domains[name].min_length) == ("slice", 65536)
+    assert spec64.domains["code_repos"].sources[0].type == "repos"
+    for name in SHORT_DOMAINS:
+        assert spec64.domains[name].mode == "concat" and spec64.domains[name].min_length is None
+
+    spec512, _ = parse_config(["--config", "configs/data/prolong-512k.yaml"])
+    assert spec512.seq_len == 524288 and set(spec512.domains) == set(STAGE2_WEIGHTS)
+    for name in ("code_repos_512k", "books_512k"):
+        assert (spec512.domains[name].mode, spec512.domains[name].min_length) == ("slice", 524288)
+    for name in ("code_repos_64k", "books_64k"):
+        assert spec512.domains[name].min_length == 65536
+    assert {spec512.domains[n].sources[0].type for n in ("code_repos_512k", "code_repos_64k")} == {"repos"}
+    assert spec512.domains["code_repos_512k"].sources[0].path == spec512.domains["code_repos_64k"].sources[0].path
+
+    sft, _ = parse_config(["--config", "configs/data/ultrachat.yaml"])
+    assert sft.seq_len == 65536 and sft.domains["ultrachat"].mode == "sft"
+
+
+def test_demo_pipeline_shape():
+    config = load_pipeline_config(REPO / "configs/demo/pipeline.yaml")
+    fits = [build_phase_config(config, i) for i in range(len(config.phases))]
+    assert [p.name for p in config.phases] == ["stage1", "stage2", "sft"]
+    lengths = [f["data"]["init_args"]["seq_len"] for f in fits]
+    thetas = [f["model"]["init_args"]["rope_theta"] for f in fits]
+    assert lengths[1] > lengths[0] and thetas[1] > thetas[0] == 8e6 and thetas[2] is None
+    assert [p.carry_optimizer for p in config.phases] == [False, True, False]
+    assert fits[2]["data"]["init_args"]["data_dir"] == "data/demo-sft"
+    for fit in fits:  # an evaluation at the end of every phase
+        assert any(c["class_path"].endswith("LongContextEval") for c in fit["trainer"]["callbacks"])
+    steps = sum(f["trainer"]["max_steps"] * f["data"]["init_args"]["seq_len"] for f in fits)
+    assert steps <= 12 * 1024 + 8 * 2048 + 8 * 1024  # the 8-minute budget on 2 cores (tokens trained)
+    assert parse_config(["--config", "configs/data/demo-sft.yaml"])[0].output_dir == "data/demo-sft"
