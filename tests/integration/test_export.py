@@ -187,30 +187,13 @@ def test_distributed_checkpoint_exports_consolidated(data_dir, tmp_path, llama3_
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == MAX_POSITIONS
 
 
-class ShardedLM(LongContextLM):
-    """FSDP2 over the data-parallel mesh: every decoder layer, the LM head, and the rest of the Llama (the
-    embedding and the final norm), since the module calls `model.model` and `model.lm_head` separately."""
-
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        super().configure_model()
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.model.lm_head, mesh=mesh)
-        fully_shard(self.model.model, mesh=mesh)
-
-
 def _sharded_run(data_dir: Path, checkpoint: Path, reference: Path) -> None:
     """One rank of the 2-process job: fit 2 steps, save the distributed checkpoint, rank 0 saves the full weights."""
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.tensor import DTensor
 
     pl.seed_everything(0)
-    module = build_module(ShardedLM)
+    module = build_module()  # configure_model shards it with FSDP2 under the strategy's device mesh
     # Both ranks data-parallel: the strategy's "auto" sizes put one node's devices all into tensor parallelism,
     # leaving a data_parallel mesh of 1 (every rank an unsynchronised full replica).
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
