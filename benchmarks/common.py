@@ -148,9 +148,13 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
 def spread(values: Sequence[float]) -> str:
     """min-max of the repetitions, for the tables."""
-    return f"{min(values):,.4g}-{max(values):,.4g}"
+    return f"{_number(min(values))}-{_number(max(values))}"
 
 
 class StepClock:

@@ -22,7 +22,9 @@ and by this process's CPU time (see common.StepClock). The variants run interlea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import sys
 import tempfile
 import warnings
 from typing import Any
@@ -112,7 +114,8 @@ def run_fit(args: argparse.Namespace, batches: list[dict], demo_settings: bool) 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             clock.tick()  # after the optimizer step (no accumulation)
 
-    with tempfile.TemporaryDirectory(prefix="trainer_overhead_") as root:
+    # the progress bar and model summary still render (their cost is measured) but on stderr, off the table
+    with tempfile.TemporaryDirectory(prefix="trainer_overhead_") as root, contextlib.redirect_stdout(sys.stderr):
         common = dict(accelerator="cpu", devices=1, precision="32-true", max_steps=len(batches),
                       gradient_clip_val=1.0, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root)
         if demo_settings:

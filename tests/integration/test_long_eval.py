@@ -42,7 +42,10 @@ def data_dir(tmp_path_factory) -> Path:
 def fit_args(config: Path, **init_args) -> list[str]:
     """`fit` on `config` plus the bundle; init_args override the bundle's (they apply to the last callback)."""
     args = ["fit", "--config", str(config), "--config", str(BUNDLE)]
-    return args + [f"--trainer.callbacks.init_args.{k}={json.dumps(v)}" for k, v in init_args.items()]
+    # strings go as they are: a JSON-quoted path would keep its quotes
+    return args + [
+        f"--trainer.callbacks.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in init_args.items()
+    ]
 
 
 def read_report(folder: Path) -> dict:
@@ -157,7 +160,7 @@ def test_bad_settings_fail_in_setup_before_training(tmp_path, data_dir, case):
     elif case == "helmet_malformed":
         helmet = _helmet_dir(tmp_path / "helmet", '{"context": "x", "question": 3, "answer": "b", "demos": []}')
         args.update(tasks=["helmet_json_kv"], lengths=[1024], helmet_dir=str(helmet))
-        error, match = ValueError, r"LongContextEval\.helmet_dir: .*test_k50_dep6\.jsonl:2: field 'question'"
+        error, match = ValueError, r"(?s)LongContextEval\.helmet_dir: .*test_k50_dep6\.jsonl:2: field 'question'"
     else:
         extra = ["--model.init_args.model_overrides", '{"vocab_size": 1000}']
         error, match = ValueError, r"LongContextEval\.tokenizer: the tokenizer has 128256 tokens .* vocab_size is 1000"
