@@ -27,7 +27,7 @@ def test_fit_logs_checkpoints_and_resumes_exactly(tmp_path, data_dir):
                 "train/tokens_per_sec", *(f"train/tokens_seen/{d}" for d in DOMAINS)]:
         assert tag in scalars, f"{tag} not logged; logged: {sorted(scalars)}"
     per_domain = sum(scalars[f"train/tokens_seen/{d}"][-1][1] for d in DOMAINS)
-    assert per_domain == scalars["train/tokens_seen"][-1][1] == 6 * MICRO_BATCH * SEQ_LEN  # steps * micro-batch * length
+    assert per_domain == scalars["train/tokens_seen"][-1][1] == 6 * MICRO_BATCH * SEQ_LEN  # steps * rows * length
     checkpoints = tmp_path / "straight" / "checkpoints"
     assert (checkpoints / "last.ckpt").is_file() and (checkpoints / "step000004.ckpt").is_file()
     assert (tmp_path / "runs" / "straight" / "version_0" / "config.yaml").is_file()
