@@ -51,7 +51,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 log = logging.getLogger(__name__)
 
 
-def setup_env(threads: int = 1) -> None:
+def setup_env(threads: int | None = 1) -> None:
     """Offline, quiet, reproducible: what every benchmark process needs before importing the project.
     `threads` > 0 sets torch's intra-op threads (see `common_args`); 0 keeps torch's default."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,7 +60,7 @@ def setup_env(threads: int = 1) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     import torch
 
-    if threads > 0:
+    if threads and threads > 0:
         torch.set_num_threads(threads)
 
 
