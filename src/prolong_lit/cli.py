@@ -28,6 +28,7 @@ TRAINER_SUBCOMMANDS = {
 # name -> ("module:function taking argv", one-line description); imported lazily so `--help` stays fast.
 TOOL_SUBCOMMANDS = {
     "prepare": ("prolong_lit.data.prepare:main", "tokenize, filter and pack raw documents into litdata shards"),
+    "eval": ("prolong_lit.eval_command:main", "run the long-context evaluations on a Hugging Face model or checkpoint"),
     "export": ("prolong_lit.export:main", "turn a checkpoint (file or distributed) into a Hugging Face directory"),
     "pipeline": ("prolong_lit.pipeline:main", "run a pipeline file's phases in order (finished phases are skipped)"),
     "tokenizer": ("prolong_lit.cli:tokenizer_main", "build the Llama-3 tokenizer offline into a directory"),

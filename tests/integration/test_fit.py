@@ -49,3 +49,9 @@ def test_fit_logs_checkpoints_and_resumes_exactly(tmp_path, data_dir):
     assert straight.keys() == resumed.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_help_lists_every_subcommand(capsys):
+    main(["--help"])
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert {"fit", "validate", "prepare", "eval", "export", "pipeline", "tokenizer"} <= listed, listed

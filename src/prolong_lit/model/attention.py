@@ -186,6 +186,7 @@ def docmask_attention_forward(
     bounds = cu_q.tolist()
     if bounds[0] != 0 or bounds[-1] != batch * length:
         raise ValueError(f"cu_seq_lens must run from 0 to B*L = {batch * length}, got {bounds[0]}..{bounds[-1]}")
+    mask = later_blocks_mask(block_size, int(cu_q.diff().max()), query.dtype, query.device)
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
@@ -196,37 +197,54 @@ def docmask_attention_forward(
         span = slice(offset, offset + end - start)
         k = key[row, :, span].repeat_interleave(repeats, dim=0)  # (H, n, D): GQA by repeating kv heads
         v = value[row, :, span].repeat_interleave(repeats, dim=0)  # (H, n, D)
-        outputs.append(_causal_in_blocks(query[row, :, span], k, v, block_size, scaling, dropout))  # (n, H, D)
+        outputs.append(_causal_in_blocks(query[row, :, span], k, v, block_size, mask, scaling, dropout))  # (n, H, D)
     out = torch.cat(outputs, dim=0)  # (B*L, H, D), documents in flattened order
     return out.view(batch, length, heads, head_dim), None
+
+
+def later_blocks_mask(block: int, longest: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """One additive (block, longest) mask from which every query block after a document's first takes a view.
+
+    masked[i, j] <=> j > i + (longest - block). The queries [first, last) of a document, r = last - first of them,
+    use rows block-r.. and columns longest-last..: query first+i then sees exactly keys 0..first+i. Any
+    longest >= last works, so the documents of one call (and their saved-for-backward views) share one tensor."""
+    if longest <= block:
+        return None  # every document fits in one block: SDPA's own causal mask only
+    row = torch.arange(block, device=device)[:, None]
+    col = torch.arange(longest, device=device)[None, :]
+    mask = torch.zeros(block, longest, dtype=dtype, device=device)
+    return mask.masked_fill_(col > row + (longest - block), float("-inf"))  # (block, longest)
 
 
 def _causal_in_blocks(
     query: torch.Tensor,  # (H, n, D)
     key: torch.Tensor,  # (H, n, D)
     value: torch.Tensor,  # (H, n, D)
-    block_size: int,
+    block: int,
+    mask: torch.Tensor | None,  # later_blocks_mask(block, >= n); None when n <= block
     scaling: float | None,
     dropout: float,
 ) -> torch.Tensor:
-    """Causal attention within one document, `block_size` queries at a time; returns (n, H, D)."""
+    """Causal attention within one document, `block` queries at a time; returns (n, H, D).
+
+    SDPA gets 4-D (1, H, q, D) inputs: with 3-D ones PyTorch's CPU dispatch falls back to the math kernel, which
+    materialises every probability and its softmax copies (measured: memory grew 2.5-3x per doubling of the
+    length instead of ~1.5-1.9x)."""
     length = query.shape[1]
+    query, key, value = query[None], key[None], value[None]  # (1, H, n, D)
     blocks = []
-    for first in range(0, length, block_size):
-        last = min(first + block_size, length)
-        keys = slice(0, last)  # the block's queries see nothing past its last position
+    for first in range(0, length, block):
+        last = min(first + block, length)
+        rows = last - first
         if first == 0:
-            mask, causal = None, True  # square block: SDPA's own (top-left aligned) causal mask is exact
+            block_mask, causal = None, True  # square block: SDPA's own (top-left aligned) causal mask is exact
         else:
-            # query first+i sees keys 0..first+i: everything before the block, causal inside it
-            key_pos = torch.arange(last, device=query.device)  # (last,)
-            query_pos = torch.arange(first, last, device=query.device)  # (last - first,)
-            mask, causal = key_pos[None, :] <= query_pos[:, None], False  # (last - first, last)
+            block_mask, causal = mask[block - rows :, mask.shape[1] - last :], False  # (rows, last)
         blocks.append(
             F.scaled_dot_product_attention(
-                query[:, first:last], key[:, keys], value[:, keys],
-                attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scaling,
-            )  # (H, last - first, D)
+                query[:, :, first:last], key[:, :, :last], value[:, :, :last],
+                attn_mask=block_mask, dropout_p=dropout, is_causal=causal, scale=scaling,
+            )[0]  # (H, rows, D)
         )
     return torch.cat(blocks, dim=1).transpose(0, 1)  # (n, H, D)
 
