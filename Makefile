@@ -23,18 +23,24 @@ venv: $(VENV)/.installed
 tokenizer: venv
 	$(PY) -m prolong_lit tokenizer --output $(PROLONG_LIT_CACHE)/llama3-tokenizer
 
-demo-data: tokenizer
-	$(PY) -m prolong_lit prepare --config configs/data/demo.yaml --overwrite
+# The demo corpus (configs/data/demo.yaml); built once, `make clean` or `prepare ... --overwrite` rebuilds it.
+data/demo/manifest.json: | tokenizer
+	$(PY) -m prolong_lit prepare --config configs/data/demo.yaml
 
-demo-train: venv
+demo-data: data/demo/manifest.json
+
+# The pretraining demo alone: `fit` on configs/demo/pretrain.yaml (runs/demo/pretrain).
+demo-train: demo-data
 	$(PY) -m prolong_lit fit --config configs/demo/pretrain.yaml
 
-demo: demo-data demo-train
-
-# The three phases (64K-style stage 1 -> longer stage 2 with a larger RoPE base -> SFT) on the demo corpus, with
-# evaluations and Hugging Face exports between them; prepares its own data. A rerun skips finished phases.
-demo-pipeline: tokenizer
+# The three phases on the demo corpus: stage1 = the pretraining demo (configs/demo/pretrain.yaml as it is),
+# stage2 = twice the length with a larger RoPE base and stage1's AdamW moments, then SFT; evaluations and Hugging
+# Face exports between them, runs/demo-pipeline/summary.md at the end. A rerun skips finished phases (and resumes
+# an interrupted one): `rm -rf runs/demo-pipeline` to train again.
+demo: demo-data
 	$(PY) -m prolong_lit pipeline --config configs/demo/pipeline.yaml
+
+demo-pipeline: demo
 
 # The Slurm test needs a running cluster: `make test-slurm` brings one up and runs it.
 test: tokenizer
@@ -55,4 +61,4 @@ lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf runs data/demo data/demo-1k data/demo-sft .cache
+	rm -rf runs data/demo data/demo-4k data/demo-sft .cache
