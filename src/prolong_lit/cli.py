@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 # Nothing downloads at run time: fail fast instead of hanging ~50 s on a hub call (ENVIRONMENT.md).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +21,13 @@ from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+# Two Lightning warnings that are wrong for this project, silenced so that real ones stand out:
+# - the mixture stream defines __len__ and is exact under any number of workers (each sample is a pure function
+#   of its global index; data/mixture.py), so "__len__ could be inaccurate ... with num_workers > 1" is not;
+# - LongContextLM.on_after_batch_transfer (sequence-parallel slicing) is meant to run with any DataModule.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
 
 TRAINER_SUBCOMMANDS = {
     "fit": "train a model (LightningCLI: --config <yaml>, --ckpt_path <ckpt> to resume)",
