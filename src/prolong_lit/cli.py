@@ -12,13 +12,17 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 # Nothing downloads at run time: fail fast instead of hanging ~50 s on a hub call (ENVIRONMENT.md).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
+from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from prolong_lit.callbacks.slurm_requeue import SlurmRequeue  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,14 @@ class ProLongCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured Trainer; in a Slurm job also a SlurmRequeue callback (checkpoint + requeue at a step
+        boundary on every rank, instead of Lightning's checkpoint inside the signal handler)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if SLURMEnvironment.detect() and not any(isinstance(c, SlurmRequeue) for c in trainer.callbacks):
+            trainer.callbacks.append(SlurmRequeue())
+        return trainer
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

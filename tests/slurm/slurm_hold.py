@@ -1,10 +1,9 @@
-"""A callback for the Slurm requeue test: park every rank at a step boundary so the signal lands there.
+"""A callback for the Slurm requeue test: park every rank after a given step until the requeue signal arrived.
 
-Lightning's SLURMEnvironment handles SIGUSR1 inside a Python signal handler, wherever the main thread happens to
-be: in the middle of a backward pass or between the optimizer step and the scheduler step, its checkpoint would
-describe no step boundary and the resumed run could not match an uninterrupted one exactly. Parking every rank
-after step `step` (after the optimizer, the LR scheduler and the sample log, before the next batch) makes the
-test deterministic while the checkpoint, the requeue and the resume stay Lightning's own.
+The project's SlurmRequeue callback acts at the first optimizer-step boundary after the signal, wherever the
+signal lands; parking every rank after step `step` until its SlurmRequeue has seen the signal only makes the step
+of the checkpoint known to the test (`step`), and makes sure the signal arrives before the run ends. The hold
+runs before SlurmRequeue in the same `on_train_batch_end` (ProLongCLI appends SlurmRequeue last).
 """
 
 from __future__ import annotations
@@ -15,9 +14,11 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from prolong_lit.callbacks.slurm_requeue import SlurmRequeue
+
 
 class HoldForRequeue(Callback):
-    """In a job's first run, waits after `step` optimizer steps until Slurm ends the run (SIGTERM on requeue)."""
+    """In a job's first run, waits after `step` optimizer steps until this rank's SlurmRequeue got the signal."""
 
     def __init__(self, step: int, marker_dir: str, timeout_s: float = 120.0) -> None:
         """
@@ -33,12 +34,13 @@ class HoldForRequeue(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step != self.step or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
             return
+        requeue = [c for c in trainer.callbacks if isinstance(c, SlurmRequeue)]
+        if len(requeue) != 1:
+            raise RuntimeError(f"HoldForRequeue: expected one SlurmRequeue callback, found {len(requeue)}")
         self.marker_dir.mkdir(parents=True, exist_ok=True)
         (self.marker_dir / f"rank{trainer.global_rank}").touch()
         deadline = time.monotonic() + self.timeout_s
-        # Python runs signal handlers between these sleeps: SIGUSR1 (checkpoint + `scontrol requeue`), then the
-        # SIGTERM Slurm sends when it requeues, after which Lightning stops the run at the next batch.
-        while not trainer.received_sigterm:
+        while not requeue[0].requested:  # Python runs the signal handler between these sleeps
             if time.monotonic() > deadline:
-                raise RuntimeError(f"HoldForRequeue: no SIGTERM within {self.timeout_s} s at step {self.step}")
+                raise RuntimeError(f"HoldForRequeue: no requeue signal within {self.timeout_s} s at step {self.step}")
             time.sleep(0.2)
