@@ -11,7 +11,8 @@ export (`export/`), and `phase.json` (steps, tokens, final losses, eval scores),
 finished phase. At the end of the run, `summary.md` / `summary.json` tabulate every phase.
 
 Re-running the same command skips finished phases, exports a phase whose training finished but whose export did
-not, and resumes an interrupted phase from `checkpoints/last.ckpt`. Under several processes (torchrun, srun, or
+not, and resumes an interrupted phase from its newest checkpoint (`checkpoints/last.ckpt`, or the `hpc_ckpt_<N>.ckpt`
+a Slurm requeue wrote). Under several processes (torchrun, srun, or
 Lightning's own launcher, which re-runs this command per device) every rank runs this loop; files other than the
 fit configs are written by global rank 0, and ranks meet at a barrier after each phase.
 """
@@ -25,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,13 +204,33 @@ def prepare_data(phase: PhaseConfig) -> None:
     prepare(data_config, overwrite=overwrite)
 
 
+def resume_checkpoint(directory: Path) -> Path | None:
+    """Where an interrupted phase resumes: the newer of `checkpoints/last.ckpt` and the newest `hpc_ckpt_<N>.ckpt`
+    (what the Slurm requeue callback writes into the phase directory, Lightning's default_root_dir, at the step
+    the job was stopped, usually after the last periodic checkpoint). None when there is neither."""
+    candidates = [directory / "checkpoints" / LAST_CHECKPOINT]
+    hpc = [(int(match.group(1)), path) for path in directory.glob("hpc_ckpt_*.ckpt")
+           if (match := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))]
+    if hpc:
+        candidates.append(max(hpc)[1])
+    existing = [path for path in candidates if path.exists()]
+    return max(existing, key=_modified, default=None)
+
+
+def _modified(path: Path) -> float:
+    """Modification time of a checkpoint file, or of the newest file of a distributed checkpoint directory."""
+    if path.is_dir():
+        return max((child.stat().st_mtime for child in path.rglob("*") if child.is_file()), default=0.0)
+    return path.stat().st_mtime
+
+
 def run_phase(
     config: PipelineConfig, phase: PhaseConfig, directory: Path, fit_config: dict[str, Any], digest: str
 ) -> PhaseResult:
     """Train (or resume) one phase, then save its final checkpoint, export it and write its marker."""
     started = time.perf_counter()
     final = directory / "checkpoints" / FINAL_CHECKPOINT
-    last = directory / "checkpoints" / LAST_CHECKPOINT
+    last = resume_checkpoint(directory)
     actions: list[str] = []
     steps, tokens, metrics = 0, None, {}
     if final.exists():  # trained earlier; the export or the marker is missing
@@ -218,7 +240,7 @@ def run_phase(
         fit_path = directory / FIT_CONFIG
         write_yaml(fit_config, fit_path)
         args = ["fit", "--config", str(fit_path)]
-        if last.exists():
+        if last is not None:
             args += ["--ckpt_path", str(last)]
             actions.append("resumed")
             log.info("phase %s: resuming from %s", phase.name, last)

@@ -7,6 +7,7 @@ and resume `b` from its step-2 checkpoint. The tests read what the probes and th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import yaml
 from data_factory import write_prepared
 
-from prolong_lit.pipeline import FINAL_CHECKPOINT, MARKER, run_pipeline
+from prolong_lit.pipeline import FINAL_CHECKPOINT, MARKER, resume_checkpoint, run_pipeline
 from prolong_lit.pipeline_config import load_pipeline_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,3 +204,21 @@ def test_an_override_that_does_not_parse_fails_before_training(tmp_path, monkeyp
     with pytest.raises(ValueError, match=r"phases\[0\] \(a\): its fit config does not parse.*max_stepz"):
         run_pipeline(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_phase_resumes_from_its_newest_checkpoint(tmp_path):
+    """last.ckpt (periodic) against the hpc_ckpt_<N> a Slurm requeue writes into the phase directory."""
+    assert resume_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    os.utime(last, (1000, 1000))
+    assert resume_checkpoint(tmp_path) == last
+    for n, when in ((1, 2000), (2, 3000)):  # distributed checkpoints: directories of shards
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").mkdir()
+        shard = tmp_path / f"hpc_ckpt_{n}.ckpt" / "__0_0.distcp"
+        shard.write_bytes(b"x")
+        os.utime(shard, (when, when))
+    assert resume_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_2.ckpt"
+    os.utime(last, (4000, 4000))  # a periodic checkpoint after the requeue's
+    assert resume_checkpoint(tmp_path) == last
