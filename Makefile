@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 # The demo and the tests use the real Llama-3 tokenizer, built offline into this cache.
 export PROLONG_LIT_CACHE ?= $(CURDIR)/.cache/prolong_lit
 
-.PHONY: venv tokenizer demo demo-data demo-train demo-pipeline test test-fast test-slurm lint bench clean
+.PHONY: venv tokenizer demo demo-data demo-train demo-pipeline test test-fast test-slurm lint clean
 
 # pip would otherwise replace the local CPU torch wheel by a 3 GB CUDA build (constraints.txt);
 # litdata drags in a CUDA torchvision that breaks `import lightning` beside a CPU torch, so it goes.
