@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lengths = sorted({*args.full_lengths, args.tokens})
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
-    skipped: list[str] = []
+    skipped: dict[tuple[str, int], str] = {}  # one note per configuration, whatever the repetitions
     for _ in range(args.repeats):
         for tokens in lengths:
             for variant in ("chunked", "full"):
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 need = full_estimate_mib(tokens, args.vocab_size) if variant == "full" else 0.0
                 if need > 0.8 * available_mib():
-                    skipped.append(f"full logits at {tokens:,} tokens: needs ~{need / 1024:.1f} GiB, "
+                    skipped[(variant, tokens)] = (f"full logits at {tokens:,} tokens: needs ~{need / 1024:.1f} GiB, "
                                    f"{available_mib() / 1024:.1f} GiB available")
                     continue
                 kwargs = dict(variant=variant, tokens=tokens, vocab_size=args.vocab_size,
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"full logits fit over {', '.join(f'{t:,}' for t, _ in measured_full)} tokens: "
                      f"{intercept:.0f} MiB + {per_token * 2**20:,.0f} bytes per token "
                      f"(= {per_token * 2**20 / (args.vocab_size * 4):.2f} fp32 copies of a logits row)")
-    notes += [f"skipped {s}" for s in skipped]
+    notes += [f"skipped {s}" for s in skipped.values()]
     if target_ratio is not None:
         verdict = "met" if target_ratio <= RATIO_TARGET else "NOT met"
         notes.append(f"target: chunked at most {RATIO_TARGET} of full logits at {args.tokens:,} tokens -- "

@@ -14,7 +14,8 @@ on its own GPU; Lightning launches the processes (`--devices`, default: all visi
 
 MFU counts the model FLOPs of a training step (forward + backward = 3 x forward; activation recomputation is
 not counted, as in the usual MFU definition): per token 6 x (parameters in matmuls, the LM head included) plus
-causal attention, 6 x layers x hidden x (attended keys per query, on average (n+1)/2 for a document of n tokens).
+causal attention, 12 x layers x (query heads x head dim) x (attended keys per query: (n+1)/2 on average for a
+document of n tokens).
 Peak bf16 dense throughput per GPU from `--peak-tflops`, or looked up from the GPU's name (H100 SXM 989, H200
 989, A100 312). ProLong reports 3,095 tokens/s per H100 at 64K for Llama-3-8B (about 31% MFU); the goal is 45%.
 The table goes to stdout; record it with the GPU model in benchmarks/README.md.
@@ -49,23 +50,25 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0,
 
 
 class StepTimer(Callback):
-    """Wall time of every optimizer step on rank 0, measured between synchronised step boundaries."""
+    """Wall time between consecutive optimizer-step ends on rank 0, so everything of a step counts (loading and
+    moving the batch, the sequence-parallel cut, the scheduler and logging too)."""
 
     def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start: float | None = None
-
-    def _sync(self, trainer: Trainer) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        self._sync(trainer)
-        self._start = time.perf_counter()
+        self.stamps: list[float] = []
+        self._last_step = -1
 
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        self._sync(trainer)
-        self.seconds.append(time.perf_counter() - self._start)
+        if trainer.global_step == self._last_step:
+            return  # inside an accumulation window
+        self._last_step = trainer.global_step
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def step_seconds(self, warmup: int) -> list[float]:
+        """Durations of the steps after the first `warmup` ones (warmup >= 1: the first step has no start)."""
+        stamps = self.stamps[warmup - 1:]
+        return [b - a for a, b in zip(stamps[:-1], stamps[1:])]
 
 
 class SyntheticRows(torch.utils.data.Dataset):
@@ -122,7 +125,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=1, help="rows per GPU and micro-batch")
     parser.add_argument("--devices", type=int, default=None, help="GPUs (default: all visible)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
     parser.add_argument("--no-activation-checkpointing", action="store_true")
     parser.add_argument("--peak-tflops", type=float, help="bf16 dense peak per GPU (default: from the GPU name)")
     parser.add_argument("--cpu-smoke", action="store_true",
@@ -142,7 +145,9 @@ def main() -> None:
     if cpu:
         size, overrides = "tiny", {}
         args.seq_len, args.devices, args.steps, args.warmup = min(args.seq_len, 2048), 2, 2, 1
-    devices = args.devices or (2 if cpu else torch.cuda.device_count())
+    devices = args.devices or torch.cuda.device_count()
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be at least 1 (the first timed step starts where a warm-up step ends)")
     if devices % args.sp:
         raise SystemExit(f"--sp {args.sp} must divide the number of devices ({devices})")
     module = LongContextLM(
@@ -153,7 +158,7 @@ def main() -> None:
     )
     total_steps = args.warmup + args.steps
     data_parallel = devices // args.sp
-    rows = total_steps * args.micro_batch * data_parallel
+    rows = total_steps * args.micro_batch  # every rank reads the whole loader (no distributed sampler)
     loader = torch.utils.data.DataLoader(SyntheticRows(args.seq_len, args.docs, module.hf_config.vocab_size, rows),
                                          batch_size=args.micro_batch, collate_fn=collate)
     timer = StepTimer()
@@ -169,14 +174,14 @@ def main() -> None:
         trainer.fit(module, train_dataloaders=loader)
     if not trainer.is_global_zero:
         return
-    timed = timer.seconds[args.warmup:]
+    timed = timer.step_seconds(args.warmup)
     step_s = statistics.median(timed)
     # each SP group processes micro_batch rows of seq_len tokens per step; data_parallel groups in parallel
     tokens_per_step = args.micro_batch * args.seq_len * data_parallel
     tokens_per_gpu = tokens_per_step / step_s / devices
     flops = model_flops_per_token(module.hf_config, args.seq_len, args.docs)
     achieved_tflops = tokens_per_gpu * flops / 1e12
-    peak = peak_tflops(args)
+    peak = None if cpu else peak_tflops(args)
     device_name = "CPU (smoke run)" if cpu else torch.cuda.get_device_name(0)
     memory_gib = torch.cuda.max_memory_allocated() / 2**30 if not cpu else float("nan")
     result = {

@@ -4,12 +4,14 @@
     python -m prolong_lit eval --model exports/stage1 --config callbacks/long_eval.yaml --lengths 32768 65536 \
         --output evals/stage1
 
-`--model` is a Hugging Face model directory (config.json + weights; loaded with AutoModelForCausalLM) or a Lightning
-checkpoint file of LongContextLM (the Hugging Face config under "hf_config", the weights under "model." in its
-state_dict). What to evaluate comes from, in increasing priority: the defaults of `LongContextEval`, the
-LongContextEval settings saved in the checkpoint (a run that had the callback), `--config` (a callbacks bundle or a
-run's config.yaml holding a LongContextEval entry, or a flat mapping of the options below), and the flags.
-The tokenizer: `--tokenizer`, else the one those settings name, else the model directory's own, else `llama3`.
+`--model` is a Hugging Face model directory (config.json + weights; loaded with AutoModelForCausalLM) or a
+LongContextLM checkpoint, a single file or a distributed-checkpoint directory (read by the export's code, with the
+Hugging Face config under "hf_config" and the weights under "model."). What to evaluate comes from, in
+increasing priority: the defaults of `LongContextEval`, the LongContextEval settings saved in the checkpoint (a run
+that had the callback), `--config` (a callbacks bundle or a run's config.yaml holding a LongContextEval entry, or a
+flat mapping of the options below), and the flags.
+The tokenizer: `--tokenizer`, else the one those settings name, else the one the checkpoint records, else the
+model directory's own, else `llama3`.
 
 Writes `<output>/eval_results.json`, `eval_report.md` and the PNG pictures (as the callback's `step<N>/` folders);
 refuses an output folder that already holds a report unless `--overwrite`. Every check runs before the weights
@@ -30,6 +32,16 @@ import yaml
 
 from prolong_lit.callbacks.long_eval import EvalSettings, check_settings
 from prolong_lit.evals import EvalResults, write_report
+from prolong_lit.export import (
+    DTYPES,
+    HF_CONFIG_KEY,
+    TOKENIZER_FILES,
+    build_model,
+    export_config,
+    model_state,
+    read_checkpoint_meta,
+    recorded_tokenizer,
+)
 from prolong_lit.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,13 +51,13 @@ REPORT_FILES = ("eval_results.json", "eval_report.md", "score_vs_length.png")
 _SETTING_FIELDS = {f.name for f in dataclasses.fields(EvalSettings)}
 # The callback's arguments that only schedule or route its evaluations: ignored here.
 _SCHEDULE_ARGS = {"every_n_steps", "eval_at_start", "eval_at_end", "output_dir", "log_images"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prolong_lit eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="Hugging Face model directory or Lightning .ckpt file")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face model directory, or a checkpoint (a file or a distributed directory)")
     parser.add_argument("--output", required=True, help="folder for the JSON, Markdown and PNG report")
     parser.add_argument("--config", help="YAML: a callbacks bundle / run config with LongContextEval, or a mapping")
     parser.add_argument("--tokenizer", help="tokenizer directory or `llama3`")
@@ -60,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_cache", action="store_true", help="decode without a KV cache (benchmarks only)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --output")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="auto: bfloat16 on GPU, else fp32")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on GPU, else fp32")
     parser.add_argument("--attn_implementation", default="sdpa", help="transformers attention for generation")
     return parser
 
@@ -125,59 +137,39 @@ def resolve_settings(args: argparse.Namespace, saved: dict[str, Any]) -> tuple[E
 # -- the model -------------------------------------------------------------------------------------------------
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def read_model_meta(path: Path) -> dict[str, Any] | None:
+    """The checkpoint's non-tensor content (export's reader: a file or a distributed-checkpoint directory), or
+    None for a Hugging Face directory."""
+    if path.is_dir() and (path / "config.json").is_file():
+        return None
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as err:
-        raise ValueError(f"--model: {path} is not a readable Lightning checkpoint ({err})") from err
-    if "hf_config" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"--model: {path} is not a LongContextLM checkpoint (no 'hf_config' / 'state_dict')")
-    return checkpoint
+        return read_checkpoint_meta(path)
+    except (ValueError, FileNotFoundError) as err:  # export's messages name its own flag
+        raise type(err)(str(err).replace("--checkpoint:", "--model:", 1)) from err
 
 
-def model_config(path: Path, checkpoint: dict[str, Any] | None):
+def model_config(path: Path, meta: dict[str, Any] | None, dtype: torch.dtype):
     """The transformers config of `--model`, without loading weights."""
     from transformers import AutoConfig
 
-    if checkpoint is not None:
-        raw = dict(checkpoint["hf_config"])
-        return AutoConfig.for_model(raw.pop("model_type", "llama"), **raw)
+    if meta is not None:
+        return export_config(meta[HF_CONFIG_KEY], dtype)  # as trained, use_cache on
     return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
-def load_model(path: Path, checkpoint: dict[str, Any] | None, config, dtype: torch.dtype, device: torch.device,
+def load_model(path: Path, meta: dict[str, Any] | None, config, dtype: torch.dtype, device: torch.device,
                attn_implementation: str) -> torch.nn.Module:
-    """The causal LM in eval mode on `device`: from a Hugging Face directory, or rebuilt from a checkpoint."""
+    """The causal LM in eval mode on `device`: from a Hugging Face directory, or rebuilt from a checkpoint with
+    the export's own code (so `eval` on a checkpoint and on its export load the same model)."""
     from transformers import AutoModelForCausalLM
 
-    if checkpoint is None:
+    if meta is None:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
         )
         return model.to(device).eval()
-    prefix = "model."  # LongContextLM keeps the Hugging Face model in `self.model`
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    config.use_cache = True
-    with torch.device("meta"):  # no random init of weights the checkpoint replaces
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
-    model.load_state_dict(state, strict=True, assign=True)
-    _rebuild_meta_buffers(model)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def _rebuild_meta_buffers(model: torch.nn.Module) -> None:
-    """Non-persistent buffers (RoPE's inv_freq) are not in a state_dict: rebuild the modules that own them."""
-    for name, module in list(model.named_modules()):
-        own = [b for b in module.buffers(recurse=False) if b.is_meta]
-        if not own:
-            continue
-        if "Rotary" not in type(module).__name__:
-            raise RuntimeError(f"--model: {name} has buffers the checkpoint does not hold; export a HF directory")
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, type(module)(config=model.config))
+    config._attn_implementation = attn_implementation
+    return build_model(config, model_state(path, meta), dtype).to(device)
 
 
 def _device(name: str) -> torch.device:
@@ -204,21 +196,20 @@ def evaluate(argv: list[str]) -> EvalResults:
     _check_output(output, args.overwrite)
     if not model_path.exists():
         raise FileNotFoundError(f"--model: {model_path} does not exist")
-    if model_path.is_dir() and not (model_path / "config.json").is_file():
-        raise ValueError(f"--model: {model_path} is a folder without config.json (a distributed checkpoint? "
-                         "consolidate it to one file, or export a Hugging Face directory)")
-    checkpoint = _read_checkpoint(model_path) if model_path.is_file() else None
-    settings, tokenizer_name = resolve_settings(args, _checkpoint_callback_settings(checkpoint or {}))
+    meta = read_model_meta(model_path)
+    settings, tokenizer_name = resolve_settings(args, _checkpoint_callback_settings(meta or {}))
+    if tokenizer_name is None and meta is not None:
+        tokenizer_name = recorded_tokenizer(meta)
     if tokenizer_name is None:
-        has_own = checkpoint is None and any((model_path / f).is_file() for f in ("tokenizer.json",
-                                                                                  "tokenizer_config.json"))
+        has_own = meta is None and any((model_path / f).is_file() for f in TOKENIZER_FILES)
         tokenizer_name = str(model_path) if has_own else "llama3"
     tokenizer = load_tokenizer(tokenizer_name, setting="--tokenizer")
-    config = model_config(model_path, checkpoint)
-    check_settings(settings, tokenizer, config.vocab_size, config.max_position_embeddings, prefix="--")
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = _device(args.device)
+    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = model_config(model_path, meta, dtype)
+    check_settings(settings, tokenizer, config.vocab_size, config.max_position_embeddings, prefix="--")
+
     own_group = world > 1 and not dist.is_initialized()
     if own_group:  # launched by torchrun: the ranks share the examples
         if device.type == "cuda":
@@ -226,9 +217,8 @@ def evaluate(argv: list[str]) -> EvalResults:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = load_model(model_path, checkpoint, config, dtype, device, args.attn_implementation)
-        del checkpoint
+        model = load_model(model_path, meta, config, dtype, device, args.attn_implementation)
+        del meta
         log.info("evaluating %s (tokenizer %s) on %s: %s", model_path, tokenizer_name, device, settings)
         results = settings.run(model, tokenizer, config.max_position_embeddings, distributed=world > 1)
         if world == 1 or dist.get_rank() == 0:

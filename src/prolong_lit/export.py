@@ -115,6 +115,13 @@ def _read_dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
     return loaded["state_dict"]
 
 
+def parameter_name(name: str) -> str:
+    """A parameter's name without wrapper parts, so the same weight matches across wrappings and phases."""
+    for part in WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 def hf_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
     """LongContextLM state-dict names ("model.model.layers.0...") -> LlamaForCausalLM names ("model.layers.0...")."""
     out = {}
@@ -122,10 +129,7 @@ def hf_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
         if not name.startswith(MODULE_PREFIX):
             log.debug("skipping %s: not a weight of the LlamaForCausalLM", name)
             continue
-        name = name[len(MODULE_PREFIX):]
-        for part in WRAPPER_PARTS:
-            name = name.replace(part, "")
-        out[name] = tensor
+        out[parameter_name(name[len(MODULE_PREFIX):])] = tensor
     if not out:
         raise ValueError("--checkpoint: its state_dict holds no weight of `model` (the LongContextLM's Llama)")
     return out

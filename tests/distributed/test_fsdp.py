@@ -246,27 +246,31 @@ def test_fsdp_two_ranks_shards_and_matches_one_process(runs):
     log.info("FSDP 2 ranks: worst relative gradient difference %.2e", worst)
 
 
+@pytest.fixture(scope="module")
+def resumed_reference(runs) -> tuple[float, dict]:
+    """One process's third step (samples 8..15) from run A's final weights: what every resumed run must do."""
+    return reference_step(runs["tmp"] / "hf", runs["tmp"] / "data", runs["A"]["end"]["weights"], 8, 16)
+
+
 @pytest.mark.distributed
-def test_hsdp_four_ranks_resumes_a_two_rank_checkpoint_and_matches_one_process(runs):
+def test_hsdp_four_ranks_resumes_a_two_rank_checkpoint_and_matches_one_process(runs, resumed_reference):
     a, b = runs["A"], runs["B"]
     assert b["mesh"] == (("replicate", "shard"), (2, 2)) and b["all_dtensor"]
     assert set(b["placements"].values()) == {"(Replicate(), Shard(dim=0))"}
     assert b["start_step"] == 2
     assert_equal_states(b["start"], a["end"])  # weights and AdamW moments, resharded 2 -> 2x2
     assert b["samples"] == list(range(8, 24))  # the stream continues where A stopped (2 steps x 4 samples)
-    reference = reference_step(runs["tmp"] / "hf", runs["tmp"] / "data", a["end"]["weights"], 8, 16)
-    worst = assert_step_matches(b, reference)
+    worst = assert_step_matches(b, resumed_reference)
     log.info("HSDP 2x2: worst relative gradient difference %.2e", worst)
 
 
 @pytest.mark.distributed
-def test_one_rank_resumes_a_two_rank_checkpoint_and_agrees_with_four(runs):
+def test_one_rank_resumes_a_two_rank_checkpoint_and_agrees_with_four(runs, resumed_reference):
     a, b, c = runs["A"], runs["B"], runs["C"]
     assert c["start_step"] == 2 and c["mesh"] == (("shard",), (1,))
     assert_equal_states(c["start"], a["end"])
     assert c["samples"] == list(range(8, 24))
-    reference = reference_step(runs["tmp"] / "hf", runs["tmp"] / "data", a["end"]["weights"], 8, 16)
-    assert_step_matches(c, reference)
+    assert_step_matches(c, resumed_reference)
     # the same third step on 1 rank and on 4 (HSDP): the same AdamW update from the restored moments
     worst = max((c["end"]["weights"][n] - w).abs().max().item() for n, w in b["end"]["weights"].items())
     assert worst <= 1e-6, worst
@@ -284,6 +288,23 @@ def test_hsdp_checkpoint_exports_consolidated(runs, llama3_tokenizer_dir):
     expected = runs["B"]["end"]["weights"]
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[name], tensor) for name, tensor in expected.items())
+
+
+def test_eval_command_reads_the_distributed_checkpoint_as_its_export(runs, llama3_tokenizer_dir, tmp_path):
+    """`eval` on the 4-rank distributed checkpoint and on a Hugging Face export of it (transformers'
+    from_pretrained): the same prompts, generations and scores."""
+    from prolong_lit.eval_command import evaluate
+    from prolong_lit.export import export_hf
+
+    checkpoint = runs["tmp"] / "ckpt_B"
+    hf_dir = export_hf(checkpoint, tmp_path / "hf", tokenizer=str(llama3_tokenizer_dir), dtype="float32")
+    flags = ["--tokenizer", str(llama3_tokenizer_dir), "--tasks", "ruler_niah_s_1", "--lengths", "256",
+             "--depths", "0.5", "--samples_per_task", "2", "--max_new_tokens", "6", "--device", "cpu"]
+    from_checkpoint = evaluate(["--model", str(checkpoint), "--output", str(tmp_path / "a"), *flags])
+    from_export = evaluate(["--model", str(hf_dir), "--output", str(tmp_path / "b"), *flags])
+    assert [r["output"] for r in from_checkpoint.records] == [r["output"] for r in from_export.records]
+    assert [r["prompt_tokens"] for r in from_checkpoint.records] == [r["prompt_tokens"] for r in from_export.records]
+    assert from_checkpoint.flat() == from_export.flat()
 
 
 # -- settings and loading, in this process ------------------------------------------------------------------------

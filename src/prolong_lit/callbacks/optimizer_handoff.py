@@ -30,20 +30,12 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from prolong_lit.export import DCP_META_FILE, parameter_name
+
 log = logging.getLogger(__name__)
 
 PARAM_NAMES_KEY = "optimizer_param_names"  # checkpoint entry: [[names of group 0], [names of group 1], ...]
 DCP_OPTIMIZER_KEY = "optimizer_0"  # Lightning's distributed checkpoints store optimizer i under optimizer_<i>
-DCP_META_FILE = "meta.pt"
-# Wrapper names torch.compile / activation checkpointing / FSDP1 insert into parameter names (as in export.py).
-WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
-
-def parameter_name(name: str) -> str:
-    """A parameter's name without wrapper parts, so the same weight matches across phases."""
-    for part in WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
 
 
 def optimizer_param_names(optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> list[list[str]]:

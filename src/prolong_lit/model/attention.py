@@ -177,7 +177,7 @@ def docmask_attention_forward(
     packed = _packed_boundaries(query, key, attention_mask, kwargs)
     if packed is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    cu_q, cu_k, _, _ = packed
+    cu_q, cu_k, longest, _ = packed
     if cu_k is not cu_q and not torch.equal(cu_k, cu_q):
         raise ValueError(f"{DOCMASK}: cu_seq_lens_k must equal cu_seq_lens_q (self-attention)")
     block_size = int(kwargs.get("docmask_block_size") or DEFAULT_DOCMASK_BLOCK_SIZE)
@@ -186,7 +186,7 @@ def docmask_attention_forward(
     bounds = cu_q.tolist()
     if bounds[0] != 0 or bounds[-1] != batch * length:
         raise ValueError(f"cu_seq_lens must run from 0 to B*L = {batch * length}, got {bounds[0]}..{bounds[-1]}")
-    mask = later_blocks_mask(block_size, int(cu_q.diff().max()), query.dtype, query.device)
+    mask = later_blocks_mask(block_size, longest, query.dtype, query.device)
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:

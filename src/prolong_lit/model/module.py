@@ -114,6 +114,7 @@ class LongContextLM(pl.LightningModule):
         # setup, once the process group exists
         self.sequence_parallel_size = sequence_parallel_size  # read by the DataModule (data-parallel rank/size)
         self.sequence_parallel: SequenceParallel | None = None
+        self._sp_checked_stages: set[str] = set()  # stages whose first batch the SP group compared
         if sequence_parallel_size != 1:
             check_sequence_parallel_shape(sequence_parallel_size, seq_len, self.hf_config.num_attention_heads,
                                           self.hf_config.num_key_value_heads)
@@ -191,10 +192,6 @@ class LongContextLM(pl.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------------------
 
-    def data_parallel_size(self) -> int:
-        """Ranks that read different samples: the world size over model.sequence_parallel_size."""
-        return self.trainer.world_size // self.sequence_parallel_size
-
     def gradient_average_size(self) -> int:
         """Ranks DDP/FSDP average gradients over (W of the loss contract): all of them. Under sequence
         parallelism the P ranks of a group hold different tokens of the same rows and their gradients must add up,
@@ -203,9 +200,16 @@ class LongContextLM(pl.LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Under sequence parallelism, keep this rank's chunk of every row (parallel/sequence.py); callbacks
-        then see the chunk too, so token counts summed over ranks stay exact."""
+        then see the chunk too, so token counts summed over ranks stay exact.
+
+        The group checks that its ranks got the same rows (an all-gather) on the first batch of each stage
+        only: a DataModule that splits the groups wrongly does so from its first batch on, and the check
+        should not cost a collective and a device sync on every micro-batch."""
         if self.sequence_parallel is not None and isinstance(batch, dict) and "cu_seq_lens" in batch:
-            return shard_batch(batch, self.sequence_parallel)
+            stage = str(self.trainer.state.stage)
+            check_same = stage not in self._sp_checked_stages
+            self._sp_checked_stages.add(stage)
+            return shard_batch(batch, self.sequence_parallel, check_same=check_same)
         return batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
