@@ -7,11 +7,13 @@ exactly (rtol = atol = 0), laid out like the receiving parameters.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from prolong_lit.callbacks.optimizer_handoff import (
@@ -114,22 +116,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind", ["single", "distributed"])
-def test_sharded_parameters_get_sharded_state(source, kind):
-    """FSDP2 parameters (DTensors on a 1-rank gloo mesh): the state comes back as DTensors laid out alike."""
+def test_sharded_parameters_get_sharded_state(source):
+    """FSDP2 parameters (DTensors on a 1-rank gloo mesh): the state of both checkpoint kinds comes back as DTensors
+    laid out alike.
+
+    In a spawned process: a process group made in pytest's own process outlives destroy_process_group (the
+    device mesh keeps it), and a later test that forks (litdata, DataLoader workers) then hangs in the copied
+    group's destructor, which waits for gloo threads the fork did not copy."""
+    checkpoints = [source["single"], source["distributed"]]
+    mp.start_processes(check_sharded_state, args=(_free_port(), checkpoints, source["expected"]), nprocs=1,
+                       start_method="spawn")
+
+
+def check_sharded_state(rank: int, port: int, checkpoints: list[Path], expected: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1)
     try:
         model = make_model()
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
         params = dict(model.named_parameters())
         assert all(isinstance(p, DTensor) for p in params.values())
-        state = load_saved_state(source[kind], params)
-        for name, fields in state.items():
-            assert isinstance(fields["exp_avg"], DTensor) and fields["exp_avg"].placements == params[name].placements
-        assert_equal_state(state, source["expected"])
+        for checkpoint in checkpoints:
+            state = load_saved_state(checkpoint, params)
+            for name, fields in state.items():
+                assert isinstance(fields["exp_avg"], DTensor)
+                assert fields["exp_avg"].placements == params[name].placements
+            assert_equal_state(state, expected)
     finally:
         dist.destroy_process_group()
