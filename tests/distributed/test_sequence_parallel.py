@@ -15,7 +15,6 @@ launcher starts rank 1 by running the same command again.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -132,12 +132,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         caught = str(error)
     (Path(out_dir) / f"mismatch{rank}.txt").write_text(caught)
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -8,13 +8,13 @@ deterministic, so the comparison is at bf16's scale). NCCL refuses two ranks on 
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 
 pytestmark = [
     pytest.mark.gpu,
@@ -78,12 +78,6 @@ def _has_flash() -> bool:
     from prolong_lit.model.attention import flash_attn_varlen_func
 
     return flash_attn_varlen_func() is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_nccl_sequence_parallel_equals_one_gpu(tmp_path):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ports import free_port
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prolong_lit.evals import EvalResults, figure_to_array, make_figures, run_evaluation, write_report
@@ -186,12 +186,6 @@ def test_run_evaluation_refuses_bad_requests_before_work(llama3_tokenizer):
     assert calls == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _eval_worker(rank: int, port: int, tokenizer_dir: str, queue) -> None:
     from prolong_lit.tokenizer import load_tokenizer
 
@@ -219,7 +213,7 @@ def test_two_ranks_split_the_examples_and_gather_the_same_results(llama3_tokeniz
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(
-        _eval_worker, args=(_free_port(), str(llama3_tokenizer_dir), queue), nprocs=2, start_method="spawn"
+        _eval_worker, args=(free_port(), str(llama3_tokenizer_dir), queue), nprocs=2, start_method="spawn"
     )
     got = dict((rank, rest) for rank, *rest in (queue.get() for _ in range(2)))
     single = run_evaluation(

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 
 from prolong_lit.evals.metrics import (
     NDCG,
@@ -110,12 +110,6 @@ def test_metric_states_reduce_by_sum_and_empty_metric_is_nan():
         metric.update(["a", "b"], [["a"]])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync_worker(rank: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -135,6 +129,6 @@ def _sync_worker(rank: int, port: int, queue) -> None:
 def test_metric_compute_is_the_mean_over_all_ranks():
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_sync_worker, args=(_free_port(), queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_sync_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
     results = dict(queue.get() for _ in range(2))
     assert results == {0: pytest.approx(0.75), 1: pytest.approx(0.75)}

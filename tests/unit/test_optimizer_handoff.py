@@ -6,7 +6,6 @@ exactly (rtol = atol = 0), laid out like the receiving parameters.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from ports import free_port
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from prolong_lit.callbacks.optimizer_handoff import (
@@ -110,12 +110,6 @@ def test_a_checkpoint_without_names_or_optimizer_is_refused(source, tmp_path):
         load_saved_state(tmp_path / "weights_only.ckpt", params)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sharded_parameters_get_sharded_state(source):
     """FSDP2 parameters (DTensors on a 1-rank gloo mesh): the state of both checkpoint kinds comes back as DTensors
     laid out alike.
@@ -124,7 +118,7 @@ def test_sharded_parameters_get_sharded_state(source):
     device mesh keeps it), and a later test that forks (litdata, DataLoader workers) then hangs in the copied
     group's destructor, which waits for gloo threads the fork did not copy."""
     checkpoints = [source["single"], source["distributed"]]
-    mp.start_processes(check_sharded_state, args=(_free_port(), checkpoints, source["expected"]), nprocs=1,
+    mp.start_processes(check_sharded_state, args=(free_port(), checkpoints, source["expected"]), nprocs=1,
                        start_method="spawn")
 
 
