@@ -208,7 +208,7 @@ def evaluate(argv: list[str]) -> EvalResults:
     device = _device(args.device)
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = model_config(model_path, meta, dtype)
-    check_settings(settings, tokenizer, config.vocab_size, config.max_position_embeddings, prefix="--")
+    helmet_data = check_settings(settings, tokenizer, config.vocab_size, config.max_position_embeddings, prefix="--")
 
     own_group = world > 1 and not dist.is_initialized()
     if own_group:  # launched by torchrun: the ranks share the examples
@@ -220,7 +220,7 @@ def evaluate(argv: list[str]) -> EvalResults:
         model = load_model(model_path, meta, config, dtype, device, args.attn_implementation)
         del meta
         log.info("evaluating %s (tokenizer %s) on %s: %s", model_path, tokenizer_name, device, settings)
-        results = settings.run(model, tokenizer, config.max_position_embeddings, distributed=world > 1)
+        results = settings.run(model, tokenizer, config.max_position_embeddings, world > 1, helmet_data)
         if world == 1 or dist.get_rank() == 0:
             write_report(results, output, title=f"Long-context evaluation of {model_path}", overwrite=args.overwrite)
             log.info("report in %s: %s", output, ", ".join(f"{k} {v:.1f}" for k, v in results.flat().items()))

@@ -285,3 +285,13 @@ def test_run_evaluation_on_helmet_files(helmet_dir, llama3_tokenizer):
     assert results.num_examples["kilt_nq"][LENGTH] == 2  # one question, both of its depths
     assert set(results.depth_scores) == {"helmet_json_kv", "kilt_nq"}
     assert all(r["prompt_tokens"] <= LENGTH - 2 for r in results.records)
+
+    # Data read once (as the callback's and the eval command's checks read it) is used as it is: the files are not
+    # read again, so a line broken since then goes unnoticed and the scores are the same.
+    read_once = {(t, LENGTH): load_helmet_task(t, helmet_dir, LENGTH, samples=1, seed=0) for t in tasks}
+    train.write_text(good + '{"text": "x", "label": [1]}\n')
+    again = run_evaluation(
+        model, llama3_tokenizer, tasks, [LENGTH], samples_per_task=1, seed=0, helmet_dir=helmet_dir, max_new_tokens=2,
+        helmet_data=read_once,
+    )
+    assert again.flat() == results.flat() and again.records == results.records

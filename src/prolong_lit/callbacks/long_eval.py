@@ -39,7 +39,7 @@ from prolong_lit.evals import (
     run_evaluation,
     write_report,
 )
-from prolong_lit.evals.helmet import load_helmet_task
+from prolong_lit.evals.helmet import HelmetData, load_helmet_task
 from prolong_lit.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ class EvalSettings:
         return list(self.lengths) if self.lengths else [int(max_position_embeddings)]
 
     def run(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_position_embeddings: int,
-            distributed: bool) -> EvalResults:
-        """`run_evaluation` with these settings."""
+            distributed: bool, helmet_data: HelmetData | None = None) -> EvalResults:
+        """`run_evaluation` with these settings; `helmet_data`: what `check_settings` read (None: read again)."""
         return run_evaluation(
             model,
             tokenizer,
@@ -83,16 +83,19 @@ class EvalSettings:
             use_cache=self.use_cache,
             max_new_tokens=self.max_new_tokens,
             distributed=distributed,
+            helmet_data=helmet_data,
         )
 
 
 def check_settings(
     settings: EvalSettings, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_position_embeddings: int,
     prefix: str = f"{SETTING}.",
-) -> None:
+) -> HelmetData:
     """Every check that can fail before an evaluation starts, HELMET lines included.
 
-    Errors name the setting to fix after `prefix` (`LongContextEval.lengths: ...`, or `--lengths: ...`)."""
+    Errors name the setting to fix after `prefix` (`LongContextEval.lengths: ...`, or `--lengths: ...`). Returns the
+    HELMET task data it read, {(task, length): data}, for the evaluations to use instead of reading the files again.
+    """
     if len(tokenizer) > vocab_size:
         raise ValueError(
             f"{prefix}tokenizer: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
@@ -108,10 +111,15 @@ def check_settings(
         )
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"{prefix}{err}") from err
-    try:
-        for spec in (s for s in specs if s.source == "helmet"):
-            for length in lengths:  # reads every line of every file: a malformed one is reported as file:line
-                load_helmet_task(spec.name, settings.helmet_dir, length, settings.samples_per_task, settings.seed)
+    try:  # reads every line of every file: a malformed one is reported as file:line
+        return {
+            (spec.name, length): load_helmet_task(
+                spec.name, settings.helmet_dir, length, settings.samples_per_task, settings.seed
+            )
+            for spec in specs
+            if spec.source == "helmet"
+            for length in lengths
+        }
     except (ValueError, FileNotFoundError) as err:
         raise type(err)(f"{prefix}helmet_dir: {err}") from err
 
@@ -178,6 +186,7 @@ class LongContextEval(Callback):
         self.last_results: EvalResults | None = None
         self._last_eval_step: int | None = None  # checkpointed: a resume does not evaluate the same step again
         self._seen_step: int | None = None
+        self._helmet_data: HelmetData = {}  # the HELMET files as read by the checks in setup
 
     # -- checks --------------------------------------------------------------------------------------------
 
@@ -187,7 +196,7 @@ class LongContextEval(Callback):
             return
         vocab_size, self.max_position_embeddings = model_limits(pl_module)
         self.tokenizer = load_tokenizer(self.tokenizer_name, setting=f"{SETTING}.tokenizer")
-        check_settings(self.settings, self.tokenizer, vocab_size, self.max_position_embeddings)
+        self._helmet_data = check_settings(self.settings, self.tokenizer, vocab_size, self.max_position_embeddings)
         manifest = getattr(getattr(trainer, "datamodule", None), "manifest", None)
         if manifest is not None and manifest.vocab_size != len(self.tokenizer) and trainer.is_global_zero:
             log.warning(
@@ -239,7 +248,9 @@ class LongContextEval(Callback):
         out_root = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "evals"  # all ranks
         started = time.perf_counter()
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            results = self.settings.run(model, self.tokenizer, self.max_position_embeddings, trainer.world_size > 1)
+            results = self.settings.run(
+                model, self.tokenizer, self.max_position_embeddings, trainer.world_size > 1, self._helmet_data
+            )
         self._last_eval_step = step
         self.last_results = results
         metrics = results.flat()

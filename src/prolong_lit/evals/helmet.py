@@ -46,6 +46,10 @@ class HelmetTaskData:
     labels: list = field(default_factory=list)  # ICL: the sorted class labels
 
 
+# What was read for each (task, length) of an evaluation: read once when its settings are checked, then reused.
+HelmetData = dict[tuple[str, int], HelmetTaskData]
+
+
 def _sha_seed(text: str) -> int:
     return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 2**31
 

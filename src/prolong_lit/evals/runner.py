@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from prolong_lit.evals import distributed as ev_dist
 from prolong_lit.evals import registry
 from prolong_lit.evals.generation import GenerationStats, greedy_generate, stop_token_ids
-from prolong_lit.evals.helmet import HelmetTaskData, build_helmet_example, load_helmet_task
+from prolong_lit.evals.helmet import HelmetData, HelmetTaskData, build_helmet_example, load_helmet_task
 from prolong_lit.evals.metrics import build_metric
 from prolong_lit.evals.results import EvalExample, EvalResults
 from prolong_lit.evals.synthetic import build_synthetic_example
@@ -86,6 +86,7 @@ def run_evaluation(
     max_new_tokens: int | None = None,
     distributed: bool | None = None,
     keep_records: bool = True,
+    helmet_data: HelmetData | None = None,
 ) -> EvalResults:
     """Evaluate `model` (any transformers causal LM) on `tasks` at each of `lengths` tokens.
 
@@ -104,13 +105,16 @@ def run_evaluation(
         max_new_tokens: caps every task's generation length (None: HELMET's per-task lengths).
         distributed: shard examples across torch.distributed ranks and gather results (None: if initialised).
         keep_records: keep per-example records (outputs, scores) in the results.
+        helmet_data: HELMET task data already read for these settings (`check_settings` returns it); the files of
+            any (task, length) it lacks are read here.
     """
     specs = registry.validate_request(
         tasks, lengths, depths, samples_per_task, helmet_dir, max_position_embeddings, tokenizer, max_new_tokens
     )
     enabled = ev_dist.resolve(distributed)
+    given = helmet_data or {}
     helmet_data = {
-        (s.name, n): load_helmet_task(s.name, helmet_dir, n, samples_per_task, seed)
+        (s.name, n): given.get((s.name, n)) or load_helmet_task(s.name, helmet_dir, n, samples_per_task, seed)
         for s in specs
         if s.source == "helmet"
         for n in lengths
