@@ -23,9 +23,9 @@ venv: $(VENV)/.installed
 tokenizer: venv
 	$(PY) -m prolong_lit tokenizer --output $(PROLONG_LIT_CACHE)/llama3-tokenizer
 
-# The demo corpus (configs/data/demo.yaml); built once, `make clean` or `prepare ... --overwrite` rebuilds it.
-data/demo/manifest.json: | tokenizer
-	$(PY) -m prolong_lit prepare --config configs/data/demo.yaml
+# The demo corpus (configs/data/demo.yaml); built once, and again (--overwrite) when that config changes.
+data/demo/manifest.json: configs/data/demo.yaml | tokenizer
+	$(PY) -m prolong_lit prepare --config configs/data/demo.yaml $(if $(wildcard $@),--overwrite)
 
 demo-data: data/demo/manifest.json
 
