@@ -102,13 +102,14 @@ def read_marker(directory: Path) -> PhaseResult | None:
 def run_pipeline(config: PipelineConfig) -> list[PhaseResult]:
     """Run (or skip, or resume) every phase in order; returns one result per phase and writes the summary."""
     finished_before = [read_marker(phase_dir(config, phase.name)) for phase in config.phases]
+    fit_configs = [build_phase_config(config, i) for i in range(len(config.phases))]
     for i, finished in enumerate(finished_before):  # a bad phase config fails before the first phase trains
         if finished is None:
-            check_phase_parses(config, i)
+            check_phase_parses(config, i, fit_configs[i])
     results = []
     for i, phase in enumerate(config.phases):
         directory = phase_dir(config, phase.name)
-        fit_config = build_phase_config(config, i)
+        fit_config = fit_configs[i]
         digest = hashlib.sha256(json.dumps(fit_config, sort_keys=True).encode()).hexdigest()[:16]
         finished = finished_before[i]
         if finished is not None:
@@ -161,7 +162,7 @@ def check_inputs(config: PipelineConfig, index: int) -> None:
         saved_state_shapes(checkpoint)  # raises if it holds no usable optimizer state
 
 
-def check_phase_parses(config: PipelineConfig, index: int) -> None:
+def check_phase_parses(config: PipelineConfig, index: int, fit_config: dict[str, Any]) -> None:
     """Parse (not instantiate) phase `index`'s fit config with the `fit` parser; a clear error if it fails."""
     import contextlib
     import io
@@ -172,7 +173,7 @@ def check_phase_parses(config: PipelineConfig, index: int) -> None:
     phase = config.phases[index]
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / FIT_CONFIG
-        write_yaml(build_phase_config(config, index), path)
+        write_yaml(fit_config, path)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:

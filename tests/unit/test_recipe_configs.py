@@ -71,7 +71,7 @@ def check_common(fit: dict) -> None:
 def test_every_pipeline_file_parses(path):
     config = load_pipeline_config(path)
     for i in range(len(config.phases)):
-        check_phase_parses(config, i)
+        check_phase_parses(config, i, build_phase_config(config, i))
 
 
 def test_stage1_64k(recipe):
