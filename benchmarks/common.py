@@ -188,6 +188,32 @@ class StepClock:
         return {"wall": units_per_step / per_step(self.wall), "cpu": units_per_step / per_step(self.cpu)}
 
 
+def hand_written_fit(module: Any, batches: Sequence[dict], total_steps: int, grad_clip: float | None,
+                     warmup: int) -> StepClock:
+    """The training step `Trainer.fit` runs, written by hand: the baseline of the trainer-overhead and data
+    benchmarks. `module` is a LongContextLM; forward + loss, backward, clip, AdamW and schedule step per batch,
+    with the optimizer and schedule the module configures (over `total_steps`)."""
+    import torch
+
+    from prolong_lit.model.schedule import build_optimizer
+
+    module.configure_model()
+    module.train()
+    hp = module.hparams
+    optimizer, scheduler = build_optimizer(module.model, hp.lr, hp.betas, hp.weight_decay, hp.eps, total_steps,
+                                           hp.warmup_ratio, hp.warmup_steps, hp.min_lr_ratio)
+    clock = StepClock(warmup)
+    for batch in batches:
+        loss_sum, _ = module.compute_loss_sum(batch)
+        (loss_sum / batch["step_loss_tokens"].clamp(min=1)).backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.tick()
+    return clock
+
+
 # -- memory ----------------------------------------------------------------------------------------------------
 
 

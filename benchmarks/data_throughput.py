@@ -28,7 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, StepClock, common_args, interleaved, markdown_table, median, report, setup_env, spread
+from common import (
+    REPO,
+    common_args,
+    hand_written_fit,
+    interleaved,
+    markdown_table,
+    median,
+    report,
+    setup_env,
+    spread,
+)
 
 log = logging.getLogger("data_throughput")
 
@@ -84,24 +94,10 @@ def consumed(model_args: dict[str, Any], trainer: dict[str, Any], batches: list[
     import torch
 
     from prolong_lit.model.module import LongContextLM
-    from prolong_lit.model.schedule import build_optimizer
 
     torch.manual_seed(0)
     module = LongContextLM(**model_args)
-    module.configure_model()
-    module.train()
-    hp = module.hparams
-    optimizer, scheduler = build_optimizer(module.model, hp.lr, hp.betas, hp.weight_decay, hp.eps,
-                                           trainer["max_steps"], hp.warmup_ratio, hp.warmup_steps, hp.min_lr_ratio)
-    clock = StepClock(warmup)
-    for batch in batches:
-        loss_sum, _ = module.compute_loss_sum(batch)
-        (loss_sum / batch["step_loss_tokens"].clamp(min=1)).backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), trainer.get("gradient_clip_val") or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        clock.tick()
+    clock = hand_written_fit(module, batches, trainer["max_steps"], trainer.get("gradient_clip_val"), warmup)
     return clock.rates(micro_batch)["wall"]
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from common import (
     StepClock,
     common_args,
+    hand_written_fit,
     interleaved,
     markdown_table,
     median,
@@ -78,25 +79,7 @@ def build_module(args: argparse.Namespace):
 
 
 def run_manual(args: argparse.Namespace, batches: list[dict]) -> dict[str, float]:
-    import torch
-
-    from prolong_lit.model.schedule import build_optimizer
-
-    module = build_module(args)
-    module.configure_model()
-    module.train()
-    hp = module.hparams
-    optimizer, scheduler = build_optimizer(module.model, hp.lr, hp.betas, hp.weight_decay, hp.eps, len(batches),
-                                           hp.warmup_ratio, hp.warmup_steps, hp.min_lr_ratio)
-    clock = StepClock(args.warmup)
-    for batch in batches:
-        loss_sum, _ = module.compute_loss_sum(batch)
-        (loss_sum / batch["step_loss_tokens"].clamp(min=1)).backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        clock.tick()
+    clock = hand_written_fit(build_module(args), batches, len(batches), grad_clip=1.0, warmup=args.warmup)
     return clock.rates(args.micro_batch * args.seq_len)
 
 
