@@ -9,6 +9,7 @@ input_ids[0] = domain_code(domain), input_ids[1] = item, so a batch row tells wh
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -48,18 +49,39 @@ def write_prepared(
     tokenizer: str = "test",
 ) -> Manifest:
     """Write `<data_dir>/<domain>/` (litdata) for each domain with samples[domain] samples, then the manifest."""
+    domains = {
+        domain: (
+            partial(make_sample, domain=domain, seq_len=seq_len, with_loss_mask=domain in loss_mask_domains),
+            count,
+            domain in loss_mask_domains,
+        )
+        for domain, count in samples.items()
+    }
+    # small chunks: several even for tiny data, so reads cross chunk boundaries
+    return write_domains(data_dir, domains, seq_len, VOCAB_SIZE, tokenizer, chunk_bytes="4KB")
+
+
+def write_domains(
+    data_dir: str | Path,
+    domains: dict[str, tuple[Callable[[int], dict[str, np.ndarray]], int, bool]],
+    seq_len: int,
+    vocab_size: int,
+    tokenizer: str,
+    chunk_bytes: str,
+) -> Manifest:
+    """Write `<data_dir>/<domain>/` (litdata) from {domain: (sample of item i, sample count, has loss mask)},
+    then the manifest."""
     import litdata
 
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     stats = {}
-    for domain, count in samples.items():
-        with_mask = domain in loss_mask_domains
+    for domain, (make, count, with_mask) in domains.items():
         litdata.optimize(
-            fn=partial(make_sample, domain=domain, seq_len=seq_len, with_loss_mask=with_mask),
+            fn=make,
             inputs=list(range(count)),
             output_dir=str(data_dir / domain),
-            chunk_bytes="4KB",  # several chunks even for tiny data, so reads cross chunk boundaries
+            chunk_bytes=chunk_bytes,
             num_workers=1,
             mode="overwrite",
             verbose=False,
@@ -68,10 +90,10 @@ def write_prepared(
         stats[domain] = DomainStats(
             samples=count,
             tokens=count * seq_len,
-            max_token_id=VOCAB_SIZE - 1,
+            max_token_id=vocab_size - 1,
             has_loss_mask=with_mask,
             documents={"read": count, "kept": count},
         )
-    manifest = Manifest(tokenizer=tokenizer, vocab_size=VOCAB_SIZE, seq_len=seq_len, domains=stats)
+    manifest = Manifest(tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq_len, domains=stats)
     manifest.write(data_dir)
     return manifest

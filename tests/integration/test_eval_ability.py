@@ -37,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_factory import write_domains
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from prolong_lit.callbacks.long_eval import LongContextEval
 from prolong_lit.data.datamodule import MixtureDataModule
-from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK, DomainStats, Manifest
+from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK
 from prolong_lit.evals import EvalResults, prompts, wordlists
 from prolong_lit.evals.helmet import build_helmet_example, load_helmet_task
 from prolong_lit.evals.helmet_files import KILT_K, RAG_FILES
@@ -148,16 +149,6 @@ def training_rows(helmet_dir: Path, tokenizer) -> list[dict[str, np.ndarray]]:
     return rows
 
 
-def write_training_domain(data_dir: Path, rows: list[dict[str, np.ndarray]], vocab_size: int) -> None:
-    import litdata
-
-    litdata.optimize(fn=rows.__getitem__, inputs=list(range(len(rows))), output_dir=str(data_dir / "rag"),
-                     chunk_bytes="1MB", num_workers=1, mode="overwrite", verbose=False, start_method="fork")
-    stats = DomainStats(samples=len(rows), tokens=len(rows) * SEQ_LEN, max_token_id=vocab_size - 1,
-                        has_loss_mask=True, documents={"read": len(rows), "kept": len(rows)})
-    Manifest(tokenizer="test-words", vocab_size=vocab_size, seq_len=SEQ_LEN, domains={"rag": stats}).write(data_dir)
-
-
 def read_score(evals: Path, step: int) -> tuple[float, list[dict]]:
     results = EvalResults.from_dict(json.loads((evals / f"step{step:06d}" / "eval_results.json").read_text()))
     return results.flat()[SCORE], results.records
@@ -167,7 +158,9 @@ def test_trained_model_scores_far_above_untrained(tmp_path):
     tokenizer = train_tokenizer(tmp_path / "tokenizer")
     write_kilt_files(tmp_path / "helmet-train", TRAIN_SEED, questions=3000)
     write_kilt_files(tmp_path / "helmet", EVAL_SEED, questions=EVAL_ITEMS)
-    write_training_domain(tmp_path / "data", training_rows(tmp_path / "helmet-train", tokenizer), len(tokenizer))
+    rows = training_rows(tmp_path / "helmet-train", tokenizer)
+    write_domains(tmp_path / "data", {"rag": (rows.__getitem__, len(rows), True)}, SEQ_LEN, len(tokenizer),
+                  tokenizer="test-words", chunk_bytes="1MB")
     seed_everything(0)
     module = LongContextLM(
         model="tiny",
