@@ -27,7 +27,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from prolong_lit.evals import build_synthetic_example, greedy_generate, run_evaluation, stop_token_ids  # noqa: E402
+from prolong_lit.evals import (  # noqa: E402
+    EvalSettings,
+    build_synthetic_example,
+    greedy_generate,
+    run_evaluation,
+    stop_token_ids,
+)
 from prolong_lit.model.module import LongContextLM  # noqa: E402
 from prolong_lit.tokenizer import load_tokenizer  # noqa: E402
 
@@ -45,8 +51,8 @@ def evaluation_cost(model, tokenizer, tasks: list[str], lengths: list[int], samp
     rows = []
     for length in lengths:
         started = time.perf_counter()
-        results = run_evaluation(model, tokenizer, tasks, [length], samples_per_task=samples, seed=0,
-                                 max_position_embeddings=model.config.max_position_embeddings, distributed=False)
+        settings = EvalSettings(tasks=tasks, lengths=[length], samples_per_task=samples, seed=0)
+        results = run_evaluation(model, tokenizer, settings, model.config.max_position_embeddings, distributed=False)
         total = time.perf_counter() - started
         gen = results.generation
         examples = gen["sequences"]

@@ -1,8 +1,13 @@
 """Command line: `python -m prolong_lit <subcommand>`.
 
 `fit` / `validate` go through `ProLongCLI`, a LightningCLI in omegaconf parser mode (YAML may interpolate with
-`${...}`; the resolved config is saved in every run's log directory). The other subcommands are plain functions
-that take their own `--config`.
+`${...}`, resolved within each file; the resolved config is saved in every run's log directory). Repeated `--config`
+files merge in order: a recipe stage is `--config configs/prolong-8b/base.yaml --config .../stage1-64k.yaml`.
+The other subcommands (prolong_lit.commands) parse with jsonargparse too, each with its own `--config`.
+
+A run's files follow `trainer.default_root_dir` (the working directory when unset) unless a config names them:
+the TensorBoard logs go to `<root>/logs` (one fixed folder, so a resume appends to it) and the checkpoints of a
+ModelCheckpoint without `dirpath` to `<root>/checkpoints`.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import sys
 import warnings
 from typing import Any
 
-# Nothing downloads at run time: fail fast instead of hanging ~50 s on a hub call (ENVIRONMENT.md).
+# Nothing downloads at run time: fail fast instead of hanging ~50 s on a hub call (docs/environment.md).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from prolong_lit.callbacks.slurm_requeue import SlurmRequeue  # noqa: E402
 
@@ -39,56 +45,66 @@ TRAINER_SUBCOMMANDS = {
 }
 # name -> ("module:function taking argv", one-line description); imported lazily so `--help` stays fast.
 TOOL_SUBCOMMANDS = {
-    "prepare": ("prolong_lit.data.prepare:main", "tokenize, filter and pack raw documents into litdata shards"),
-    "eval": ("prolong_lit.eval_command:main", "run the long-context evaluations on a Hugging Face model or checkpoint"),
-    "export": ("prolong_lit.export:main", "turn a checkpoint (file or distributed) into a Hugging Face directory"),
-    "pipeline": ("prolong_lit.pipeline:main", "run a pipeline file's phases in order (finished phases are skipped)"),
-    "tokenizer": ("prolong_lit.cli:tokenizer_main", "build the Llama-3 tokenizer offline into a directory"),
+    "prepare": ("prolong_lit.commands.prepare:main", "tokenize, filter and pack raw documents into litdata shards"),
+    "eval": ("prolong_lit.commands.eval:main", "long-context evaluations of a Hugging Face model or a checkpoint"),
+    "export": ("prolong_lit.commands.export:main", "a checkpoint (file or distributed) -> a Hugging Face directory"),
+    "pipeline": ("prolong_lit.commands.pipeline:main", "run a pipeline file's phases in order, skipping finished ones"),
+    "tokenizer": ("prolong_lit.commands.tokenizer:main", "build the Llama-3 tokenizer offline into a directory"),
 }
 
 
 class ProLongCLI(LightningCLI):
-    """LightningCLI with the project's defaults: any LightningModule/DataModule by `class_path`."""
+    """LightningCLI with the project's defaults: any LightningModule/DataModule by `class_path`; `data.seq_len`
+    also sets `model.seq_len` (the rows the data holds are the rows the model trains on).
 
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+    `parse_only=True` parses and checks a config without building anything (`config` then holds it; a bad
+    config raises instead of exiting): what the pipeline uses to check and record a phase's config."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True, parse_only: bool = False) -> None:
+        self.parse_only = parse_only
         super().__init__(
             model_class=LightningModule,
             datamodule_class=LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={"parser_mode": "omegaconf", **({"exit_on_error": False} if parse_only else {})},
             # A rerun in the same directory (e.g. a resume) rewrites the saved config instead of refusing.
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,
-            run=run,
+            run=run and not parse_only,
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
+
+    def instantiate_classes(self) -> None:
+        if not self.parse_only:
+            super().instantiate_classes()
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The configured Trainer; in a Slurm job also a SlurmRequeue callback (checkpoint + requeue at a step
-        boundary on every rank, instead of Lightning's checkpoint inside the signal handler)."""
+        """The configured Trainer, its logs and checkpoints under its root directory unless configured
+        elsewhere; in a Slurm job also a SlurmRequeue callback (checkpoint + requeue at a step boundary on every
+        rank, instead of Lightning's checkpoint inside the signal handler)."""
+        config = self._get(self.config_init, "trainer", default={})
+        root = config.get("default_root_dir") or os.getcwd()
+        if config.get("logger") in (None, True):  # Lightning's default logger, in a folder a resume reuses
+            kwargs["logger"] = TensorBoardLogger(save_dir=root, name="", version="logs")
         trainer = super().instantiate_trainer(**kwargs)
+        for checkpoint in trainer.checkpoint_callbacks:
+            if getattr(checkpoint, "dirpath", "") is None:
+                checkpoint.dirpath = os.path.realpath(os.path.join(root, "checkpoints"))
         if SLURMEnvironment.detect() and not any(isinstance(c, SlurmRequeue) for c in trainer.callbacks):
             trainer.callbacks.append(SlurmRequeue())
         return trainer
 
+    def dump_config(self) -> str:
+        """The parsed config as YAML (a file `fit --config` runs as it is)."""
+        return self.parser.dump(self.config, skip_none=False)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in TRAINER_SUBCOMMANDS}
-
-
-def tokenizer_main(argv: list[str]) -> None:
-    """`python -m prolong_lit tokenizer [--output DIR] [--overwrite]`."""
-    import argparse
-
-    from prolong_lit.tokenizer import build_llama3_tokenizer, default_llama3_tokenizer_dir
-
-    parser = argparse.ArgumentParser(prog="prolong_lit tokenizer", description=TOOL_SUBCOMMANDS["tokenizer"][1])
-    parser.add_argument("--output", default=str(default_llama3_tokenizer_dir()), help="directory to write")
-    parser.add_argument("--overwrite", action="store_true", help="rebuild even if the directory has one")
-    args = parser.parse_args(argv)
-    path = build_llama3_tokenizer(args.output, overwrite=args.overwrite)
-    log.info("Llama-3 tokenizer at %s", path)
 
 
 def _usage() -> str:

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 import torch
-from data_factory import write_prepared
-from run_helpers import DOMAINS, MICRO_BATCH, SEQ_LEN, demo_config, read_scalars
+
+from tests.helpers.data_factory import write_prepared
+from tests.helpers.run_helpers import DOMAINS, MICRO_BATCH, SEQ_LEN, demo_config, read_scalars
 
 pytestmark = pytest.mark.distributed
 

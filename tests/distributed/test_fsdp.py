@@ -38,7 +38,7 @@ SEQ_LEN = 64
 DOMAINS = {"books": 16, "code": 16}
 MICRO_BATCH = 2
 MAX_STEPS = 3  # the same schedule in every run: A stops after 2, B and C resume for the third
-TESTS = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the launched scripts get it on PYTHONPATH, for tests.helpers.*
 # fp32 everywhere: sharded and single-process sums differ only in reduction order
 LOSS_RTOL = 1e-6
 GRAD_TOL = 1e-5  # max |difference| / max |gradient|, per parameter
@@ -169,7 +169,7 @@ def run(settings: dict, tmp: Path) -> dict:
     for key in ("resume", "save"):
         if settings.get(key):
             settings[key] = str(tmp / settings[key])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, __file__, json.dumps(settings)], env=env, capture_output=True,
                             text=True, timeout=300)
@@ -179,7 +179,7 @@ def run(settings: dict, tmp: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    from data_factory import write_prepared
+    from tests.helpers.data_factory import write_prepared
 
     tmp = tmp_path_factory.mktemp("fsdp")
     write_hf_checkpoint(tmp / "hf")
@@ -279,7 +279,7 @@ def test_one_rank_resumes_a_two_rank_checkpoint_and_agrees_with_four(runs, resum
 
 @pytest.mark.distributed
 def test_hsdp_checkpoint_exports_consolidated(runs, llama3_tokenizer_dir):
-    from prolong_lit.export import export_hf
+    from prolong_lit.checkpoint import export_hf
 
     checkpoint = runs["tmp"] / "ckpt_B"
     assert sorted(p.name for p in checkpoint.glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
@@ -293,8 +293,8 @@ def test_hsdp_checkpoint_exports_consolidated(runs, llama3_tokenizer_dir):
 def test_eval_command_reads_the_distributed_checkpoint_as_its_export(runs, llama3_tokenizer_dir, tmp_path):
     """`eval` on the 4-rank distributed checkpoint and on a Hugging Face export of it (transformers'
     from_pretrained): the same prompts, generations and scores."""
-    from prolong_lit.eval_command import evaluate
-    from prolong_lit.export import export_hf
+    from prolong_lit.checkpoint import export_hf
+    from prolong_lit.commands.eval import evaluate
 
     checkpoint = runs["tmp"] / "ckpt_B"
     hf_dir = export_hf(checkpoint, tmp_path / "hf", tokenizer=str(llama3_tokenizer_dir), dtype="float32")

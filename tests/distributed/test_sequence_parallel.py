@@ -23,7 +23,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ports import free_port
+
+from tests.helpers.ports import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -34,7 +35,7 @@ STRADDLING = [[10, 30, 24], [64], [5, 1, 50, 8]]  # documents cross every chunk 
 OTHER_ROWS = [[40, 24], [3, 61], [33, 31]]  # the second data-parallel group's rows
 ALIGNED = [[16, 16, 16, 16], [8, 8, 16, 4, 12, 16]]  # each document inside one chunk of 16 (and of 32)
 TOLERANCE = 1e-5
-TESTS = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the launched scripts get it on PYTHONPATH, for tests.helpers.*
 
 CHECKPOINTED = {"activation_checkpointing": True}  # the recomputed forward exchanges again, inside backward
 ONE_KV_HEAD = {"model_overrides": {**OVERRIDES, "num_key_value_heads": 1}}  # P = 4 repeats it 4 times
@@ -63,7 +64,7 @@ def build(size: int, settings: dict):
 
 
 def rows_batch(rows: list[list[int]], seed: int, step_loss_tokens: int | None = None) -> dict:
-    from model_batches import make_packed_batch
+    from tests.helpers.model_batches import make_packed_batch
 
     return make_packed_batch(rows, vocab=VOCAB, seed=seed, step_loss_tokens=step_loss_tokens)
 
@@ -189,7 +190,7 @@ def lightning_fit(data_dir: Path, size: int, **trainer_kwargs) -> tuple:
             self.grads.append(grads)
 
     pl.seed_everything(0)
-    from data_factory import VOCAB_SIZE
+    from tests.helpers.data_factory import VOCAB_SIZE
 
     overrides = {**OVERRIDES, "vocab_size": VOCAB_SIZE}  # the test data's token ids
     module = LongContextLM(model="tiny", model_overrides=overrides, seq_len=SEQ_LEN, sequence_parallel_size=size,
@@ -223,11 +224,11 @@ def _lightning_run(data_dir: Path, out: Path) -> None:
 
 
 def test_lightning_fsdp2_with_sequence_parallel_trains_like_one_process(tmp_path):
-    from data_factory import write_prepared
+    from tests.helpers.data_factory import write_prepared
 
     data_dir = tmp_path / "prepared"
     write_prepared(data_dir, {"books": 12, "code": 12}, seq_len=SEQ_LEN)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, __file__, str(data_dir), str(tmp_path)], env=env,
                             capture_output=True, text=True, timeout=300)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_batches import make_packed_batch
+
+from tests.helpers.model_batches import make_packed_batch
 
 pytestmark = pytest.mark.gpu
 

@@ -88,10 +88,10 @@ def fit(model_dir: Path, data_dir: Path, **sharding) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from data_factory import write_prepared
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from prolong_lit.model.sizes import size_config_kwargs
+    from tests.helpers.data_factory import write_prepared
 
     tmp = tmp_path_factory.mktemp("fsdp_gpu")
     torch.manual_seed(1)

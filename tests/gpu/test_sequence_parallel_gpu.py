@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ports import free_port
+
+from tests.helpers.ports import free_port
 
 pytestmark = [
     pytest.mark.gpu,
@@ -38,7 +39,7 @@ def build(size: int, attn: str, device: torch.device):
 
 
 def make_batch(device: torch.device) -> dict:
-    from model_batches import make_packed_batch
+    from tests.helpers.model_batches import make_packed_batch
 
     batch = make_packed_batch(DOC_LENGTHS, vocab=VOCAB, seed=0)
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}

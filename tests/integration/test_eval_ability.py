@@ -37,18 +37,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_factory import write_domains
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from prolong_lit.callbacks.long_eval import LongContextEval
 from prolong_lit.data.datamodule import MixtureDataModule
 from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK
-from prolong_lit.evals import EvalResults, prompts, wordlists
+from prolong_lit.evals import EvalResults, EvalSettings, prompts, wordlists
 from prolong_lit.evals.helmet import build_helmet_example, load_helmet_task
 from prolong_lit.evals.helmet_files import KILT_K, RAG_FILES
 from prolong_lit.evals.registry import TASKS
 from prolong_lit.model.module import LongContextLM
+from tests.helpers.data_factory import write_domains
 
 pytestmark = pytest.mark.slow
 
@@ -179,10 +179,9 @@ def test_trained_model_scores_far_above_untrained(tmp_path):
     )
     data = MixtureDataModule(str(tmp_path / "data"), {"rag": 1.0}, seq_len=SEQ_LEN, micro_batch_size=16,
                              val_samples_per_domain=0, num_workers=0)
-    callback = LongContextEval(
-        tokenizer=str(tmp_path / "tokenizer"), tasks=[TASK], lengths=[EVAL_LENGTH], samples_per_task=EVAL_ITEMS,
-        helmet_dir=str(tmp_path / "helmet"), eval_at_start=True, batch_size=20,
-    )
+    settings = EvalSettings(tasks=[TASK], lengths=[EVAL_LENGTH], samples_per_task=EVAL_ITEMS,
+                            helmet_dir=str(tmp_path / "helmet"), batch_size=20)
+    callback = LongContextEval(tokenizer=str(tmp_path / "tokenizer"), settings=settings, eval_at_start=True)
     trainer = Trainer(
         accelerator="cpu", devices=1, precision="32-true", max_steps=STEPS, gradient_clip_val=1.0,
         logger=TensorBoardLogger(str(tmp_path / "runs"), name="ability", version=0), callbacks=[callback],

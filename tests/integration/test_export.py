@@ -19,15 +19,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from prolong_lit.checkpoint import export_hf, load_checkpoint_state
+from prolong_lit.commands.export import main
 from prolong_lit.data.datamodule import MixtureDataModule
-from prolong_lit.export import export_hf, load_checkpoint_state, main
 from prolong_lit.model.module import LongContextLM
 
 SEQ_LEN = 64
 DOMAINS = {"books": 10, "code": 10}
 ROPE_THETA = 8e6  # not tiny's 5e5: the export must carry the trained value
 MAX_POSITIONS = 4096  # not tiny's 8192
-TESTS = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the launched scripts get it on PYTHONPATH, for tests.helpers.*
 
 
 def build_module(cls: type[LongContextLM] = LongContextLM) -> LongContextLM:
@@ -49,7 +50,7 @@ def fit(module: LongContextLM, data_dir: Path, **trainer_kwargs) -> pl.Trainer:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from data_factory import write_prepared
+    from tests.helpers.data_factory import write_prepared
 
     path = tmp_path_factory.mktemp("prepared")
     write_prepared(path, DOMAINS, seq_len=SEQ_LEN)
@@ -167,7 +168,7 @@ def test_distributed_checkpoint_exports_consolidated(data_dir, tmp_path, llama3_
     """Two ranks train the tiny model sharded with FSDP2 and save a torch.distributed.checkpoint directory; the
     export (one process, no process group) holds exactly the full weights the ranks gathered themselves."""
     checkpoint, reference = tmp_path / "dcp", tmp_path / "reference.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, __file__, str(data_dir), str(checkpoint), str(reference)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)

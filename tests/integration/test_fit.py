@@ -6,10 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_factory import write_prepared
-from run_helpers import DOMAINS, MICRO_BATCH, SEQ_LEN, demo_config, final_weights, read_scalars, seen_samples
 
 from prolong_lit.cli import main
+from tests.helpers.data_factory import write_prepared
+from tests.helpers.run_helpers import (
+    DOMAINS,
+    MICRO_BATCH,
+    SEQ_LEN,
+    demo_config,
+    final_weights,
+    read_scalars,
+    seen_samples,
+)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ command on the saved model (checkpoint and Hugging Face directory), two ranks ag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_factory import write_prepared
-from run_helpers import DOMAINS, REPO, SEQ_LEN, demo_config, read_scalars
 
 from prolong_lit.cli import main
-from prolong_lit.eval_command import main as eval_main
-from prolong_lit.eval_command import settings_from_yaml
+from prolong_lit.commands.eval import main as eval_main
+from prolong_lit.commands.eval import settings_from_yaml
+from prolong_lit.evals import EvalSettings
+from tests.helpers.data_factory import write_prepared
+from tests.helpers.run_helpers import DOMAINS, REPO, SEQ_LEN, demo_config, read_scalars
 
 BUNDLE = REPO / "callbacks" / "long_eval.yaml"
 # Short prompts, few tokens: a nearly random model never stops, so generation length is what costs.
@@ -40,11 +42,15 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def fit_args(config: Path, **init_args) -> list[str]:
-    """`fit` on `config` plus the bundle; init_args override the bundle's (they apply to the last callback)."""
+    """`fit` on `config` plus the bundle; init_args override the bundle's (they apply to the last callback), and
+    those named like EvalSettings' fields go into its `settings`."""
     args = ["fit", "--config", str(config), "--config", str(BUNDLE)]
+    settings = {f.name for f in dataclasses.fields(EvalSettings)}
     # strings go as they are: a JSON-quoted path would keep its quotes
     return args + [
-        f"--trainer.callbacks.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in init_args.items()
+        f"--trainer.callbacks.init_args.{'settings.' if k in settings else ''}{k}="
+        f"{v if isinstance(v, str) else json.dumps(v)}"
+        for k, v in init_args.items()
     ]
 
 
@@ -149,18 +155,18 @@ def test_bad_settings_fail_in_setup_before_training(tmp_path, data_dir, case):
     args = {"tasks": ["ruler_niah_s_1"], "lengths": [256], "samples_per_task": 1}
     if case == "unknown_task":
         args["tasks"] = ["ruler_niah_s_1", "needle"]
-        error, match = ValueError, r"LongContextEval\.tasks: unknown task\(s\) \['needle'\]"
+        error, match = ValueError, r"LongContextEval\.settings\.tasks: unknown task\(s\) \['needle'\]"
     elif case == "too_long":
         args["lengths"] = [256, 16384]
-        error, match = ValueError, r"LongContextEval\.lengths: \[16384\] exceed .*max_position_embeddings \(8192\)"
+        error, match = ValueError, r"LongContextEval\.settings\.lengths: \[16384\] exceed .*embeddings \(8192\)"
     elif case == "helmet_missing":
         (tmp_path / "helmet").mkdir()
         args.update(tasks=["kilt_nq"], lengths=[1024], helmet_dir=str(tmp_path / "helmet"))
-        error, match = FileNotFoundError, r"LongContextEval\.helmet_dir: 2 HELMET file\(s\) missing"
+        error, match = FileNotFoundError, r"LongContextEval\.settings\.helmet_dir: 2 HELMET file\(s\) missing"
     elif case == "helmet_malformed":
         helmet = _helmet_dir(tmp_path / "helmet", '{"context": "x", "question": 3, "answer": "b", "demos": []}')
         args.update(tasks=["helmet_json_kv"], lengths=[1024], helmet_dir=str(helmet))
-        error, match = ValueError, r"(?s)LongContextEval\.helmet_dir: .*test_k50_dep6\.jsonl:2: field 'question'"
+        error, match = ValueError, r"(?s)LongContextEval\.settings\.helmet_dir: .*k50_dep6\.jsonl:2: field 'question'"
     else:
         extra = ["--model.init_args.model_overrides", '{"vocab_size": 1000}']
         error, match = ValueError, r"LongContextEval\.tokenizer: the tokenizer has 128256 tokens .* vocab_size is 1000"

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from data_factory import write_prepared
 
 from prolong_lit.pipeline import FINAL_CHECKPOINT, MARKER, resume_checkpoint, run_pipeline
 from prolong_lit.pipeline_config import load_pipeline_config
+from tests.helpers.data_factory import write_prepared
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN, MICRO_BATCH, LR = 128, 2, 1e-3
@@ -45,8 +45,9 @@ def phase(name: str, steps: int, data_dir: Path, probes: Path, **extra) -> dict:
         "model.init_args.warmup_steps": 2,
         **extra.pop("overrides", {}),
     }
-    callbacks = [{"class_path": "pipeline_helpers.OptimizerProbe", "init_args": {"dirpath": str(probes), "tag": name}},
-                 *extra.pop("callbacks", [])]
+    probe = {"class_path": "tests.helpers.pipeline_helpers.OptimizerProbe",
+             "init_args": {"dirpath": str(probes), "tag": name}}
+    callbacks = [probe, *extra.pop("callbacks", [])]
     return {"name": name, "config": "configs/demo/pretrain.yaml", "overrides": overrides, "callbacks": callbacks,
             **extra}
 
@@ -65,7 +66,8 @@ def run(tmp_path_factory, llama3_tokenizer_dir):
     probes, run_dir = root / "probes", root / "run"
 
     def pipeline(crash: bool, name: str) -> Path:
-        crashes = [{"class_path": "pipeline_helpers.CrashAtStep", "init_args": {"step": 2}}] if crash else []
+        crash_at = {"class_path": "tests.helpers.pipeline_helpers.CrashAtStep", "init_args": {"step": 2}}
+        crashes = [crash_at] if crash else []
         stage2 = {"overrides": {"model.init_args.rope_theta": 1.28e8}, "carry_optimizer": True, "callbacks": crashes}
         phases = [phase("a", 3, data_dir, probes / name), phase("b", 4, data_dir, probes / name, **stage2)]
         return write_pipeline(root / f"{name}.yaml", run_dir, phases)

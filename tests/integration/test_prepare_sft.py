@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from prolong_lit.commands.prepare import parse_config
 from prolong_lit.data.collate import IGNORE_INDEX, collate_samples
 from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK, Manifest
 from prolong_lit.data.packing import shuffled_order
-from prolong_lit.data.prepare import DomainConfig, PrepareConfig, parse_config, prepare, validate
+from prolong_lit.data.prepare import DomainConfig, PrepareConfig, prepare, validate
 from prolong_lit.data.sources import SourceConfig
 
 SEQ_LEN = 128

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from data_factory import write_prepared
-from run_helpers import DOMAINS, MICRO_BATCH, REPO, SEQ_LEN, demo_config
+
+from tests.helpers.data_factory import write_prepared
+from tests.helpers.run_helpers import DOMAINS, MICRO_BATCH, REPO, SEQ_LEN, demo_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
 
@@ -84,7 +85,8 @@ class Job:
         checkpoint["init_args"]["every_n_train_steps"] = STEPS  # only the final state is compared
         if hold_at is not None:
             hold = {"step": hold_at, "marker_dir": str(self.markers)}
-            config["trainer"]["callbacks"].append({"class_path": "slurm_hold.HoldForRequeue", "init_args": hold})
+            hold_callback = {"class_path": "tests.slurm.slurm_hold.HoldForRequeue", "init_args": hold}
+            config["trainer"]["callbacks"].append(hold_callback)
         config_path.write_text(yaml.safe_dump(config))
         # A clean environment for sbatch: nothing of an enclosing allocation, this cluster, this venv.
         self.env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
@@ -92,8 +94,8 @@ class Job:
             SLURM_CONF=str(conf),
             PROLONG_LIT_VENV=sys.prefix,
             PROLONG_LIT_RUN_DIR=str(self.dir),
-            # the config names run_helpers/slurm_hold classes, as the in-process run tests do
-            PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "slurm"), str(REPO / "tests")]),
+            # the config names tests.helpers.run_helpers / tests.slurm.slurm_hold classes by dotted path
+            PYTHONPATH=str(REPO),
             OMP_NUM_THREADS="1",
         )
         # The GPU template on CPU nodes: command-line options override its #SBATCH lines.

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_factory import write_prepared  # tests/ is on sys.path: pytest prepends the rootdir conftest's folder
+
+from tests.helpers.data_factory import write_prepared
 
 # a 4-domain mixture shared by the data tests: 'c' is chat-like (has a loss mask)
 MIXTURE_SAMPLES = {"a": 40, "b": 30, "c": 16, "d": 50}

@@ -3,20 +3,15 @@ documents, usable for ordinary (padded, cached) calls, and never quadratic in th
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from model_batches import make_packed_batch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from transformers import LlamaForCausalLM
 
 from prolong_lit.model.module import LongContextLM
+from tests.helpers.memory_probe import LargestTensor
+from tests.helpers.model_batches import make_packed_batch
+from tests.helpers.tiny_model import OVERRIDES, VOCAB, eager_copy
 
-VOCAB = 512
-# Small vocabulary keeps the tests fast; bos/eos moved inside it to keep transformers quiet.
-OVERRIDES = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2}
 # Three rows of 96 tokens: several documents, a one-token document, a whole-row document.
 DOC_LENGTHS = [[40, 1, 30, 25], [96], [10, 50, 36]]
 
@@ -27,15 +22,6 @@ def build_module(attn: str, block: int = 8, **kwargs) -> LongContextLM:
                            docmask_block_size=block, **kwargs)
     module.configure_model()
     return module.eval()
-
-
-def eager_copy(module: LongContextLM) -> LlamaForCausalLM:
-    """transformers' own eager Llama with the module's weights: the independent reference."""
-    config = copy.deepcopy(module.model.config)
-    config._attn_implementation = "eager"
-    reference = LlamaForCausalLM(config)
-    reference.load_state_dict(module.model.state_dict())
-    return reference.eval()
 
 
 def per_document_logits(reference: LlamaForCausalLM, batch: dict, doc_lengths) -> torch.Tensor:
@@ -115,21 +101,6 @@ def test_padded_batch_and_generation_match_eager():
         expected = reference.generate(prompt, **kwargs)
     assert generated.shape == (2, 18)
     assert torch.equal(generated, expected)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any operation (forward or backward) produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.numel() > self.numel:
-                self.numel, self.op = tensor.numel(), str(func)
-        return out
 
 
 @pytest.mark.parametrize("doc_lengths", [[[128] * 16], [[2048]]], ids=["16-docs", "one-doc"])

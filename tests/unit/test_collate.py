@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from data_factory import make_sample
 
 from prolong_lit.data.collate import collate_samples, sample_loss_tokens
+from tests.helpers.data_factory import make_sample
 
 
 def _hand_samples():

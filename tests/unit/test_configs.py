@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from prolong_lit.cli import ProLongCLI
-from prolong_lit.data.prepare import PrepareConfig, parse_config
+from prolong_lit.commands.prepare import parse_config
+from prolong_lit.data.prepare import PrepareConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

@@ -8,10 +8,10 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from data_factory import domain_code, make_sample
 
 from prolong_lit.data.datamodule import DomainReader, MixtureDataModule
 from prolong_lit.data.format import Manifest
+from tests.helpers.data_factory import domain_code, make_sample
 
 WEIGHTS = {"a": 0.3, "b": 0.3, "c": 0.03, "d": 0.37}
 

@@ -11,14 +11,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from ports import free_port
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prolong_lit.evals import EvalResults, figure_to_array, make_figures, run_evaluation, write_report
+from prolong_lit.evals import (
+    EvalResults,
+    EvalSettings,
+    figure_to_array,
+    make_figures,
+    run_evaluation,
+    write_report,
+)
 from prolong_lit.evals.generation import greedy_generate, newline_token_ids, stop_token_ids
 from prolong_lit.evals.metrics import build_metric
 from prolong_lit.evals.position_loss import bucket_edges, loss_by_position
 from prolong_lit.evals.registry import TASKS
+from tests.helpers.ports import free_port
 
 NEWLINE, EOT = 198, 128009  # Llama-3's "\n" and <|eot_id|>
 
@@ -121,18 +128,11 @@ def test_loss_by_position_matches_full_logits_cross_entropy():
 def test_run_evaluation_end_to_end_with_report(llama3_tokenizer, tmp_path):
     model = tiny_llama()
     model.train()
-    results = run_evaluation(
-        model,
-        llama3_tokenizer,
-        ["json_kv", "ruler_niah_mk_2"],
-        [256, 384],
-        depths=[0.0, 1.0],
-        samples_per_task=2,
-        seed=0,
-        max_position_embeddings=4096,
-        batch_size=2,
-        max_new_tokens=3,
+    settings = EvalSettings(
+        tasks=["json_kv", "ruler_niah_mk_2"], lengths=[256, 384], depths=[0.0, 1.0], samples_per_task=2, seed=0,
+        batch_size=2, max_new_tokens=3,
     )
+    results = run_evaluation(model, llama3_tokenizer, settings, max_position_embeddings=4096)
     assert model.training  # mode restored
     flat = results.flat()
     assert set(flat) == {
@@ -176,13 +176,13 @@ def test_run_evaluation_refuses_bad_requests_before_work(llama3_tokenizer):
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
     with pytest.raises(ValueError, match="unknown task.*known tasks: json_kv, ruler_niah_s_1"):
-        run_evaluation(model, llama3_tokenizer, ["json_kv", "niah"], [256])
+        run_evaluation(model, llama3_tokenizer, EvalSettings(tasks=["json_kv", "niah"], lengths=[256]), None)
     with pytest.raises(ValueError, match=r"\[8192\] exceed the model's max_position_embeddings \(4096\)"):
-        run_evaluation(model, llama3_tokenizer, ["json_kv"], [1024, 8192], max_position_embeddings=4096)
+        run_evaluation(model, llama3_tokenizer, EvalSettings(tasks=["json_kv"], lengths=[1024, 8192]), 4096)
     with pytest.raises(ValueError, match="helmet_dir"):
-        run_evaluation(model, llama3_tokenizer, ["json_kv", "kilt_nq"], [1024])
+        run_evaluation(model, llama3_tokenizer, EvalSettings(tasks=["json_kv", "kilt_nq"], lengths=[1024]), None)
     with pytest.raises(ValueError, match="json_kv needs at least"):
-        run_evaluation(model, llama3_tokenizer, ["json_kv"], [64])
+        run_evaluation(model, llama3_tokenizer, EvalSettings(tasks=["json_kv"], lengths=[64]), None)
     assert calls == []
 
 
@@ -196,12 +196,9 @@ def _eval_worker(rank: int, port: int, tokenizer_dir: str, queue) -> None:
         results = run_evaluation(
             tiny_llama(),
             load_tokenizer(tokenizer_dir),
-            ["ruler_niah_s_1"],
-            [256],
-            depths=[0.5],
-            samples_per_task=3,
-            seed=0,
-            max_new_tokens=2,
+            EvalSettings(tasks=["ruler_niah_s_1"], lengths=[256], depths=[0.5], samples_per_task=3, seed=0,
+                         max_new_tokens=2),
+            None,
         )
         queue.put((rank, results.records, results.flat(), results.generation["sequences"]))
     finally:
@@ -219,12 +216,9 @@ def test_two_ranks_split_the_examples_and_gather_the_same_results(llama3_tokeniz
     single = run_evaluation(
         tiny_llama(),
         llama3_tokenizer,
-        ["ruler_niah_s_1"],
-        [256],
-        depths=[0.5],
-        samples_per_task=3,
-        seed=0,
-        max_new_tokens=2,
+        EvalSettings(tasks=["ruler_niah_s_1"], lengths=[256], depths=[0.5], samples_per_task=3, seed=0,
+                     max_new_tokens=2),
+        None,
     )
     for rank in (0, 1):  # 3 examples over 2 ranks: rank 1 ran a dummy batch to keep the forward passes in step
         records, flat, sequences = got[rank]

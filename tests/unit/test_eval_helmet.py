@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prolong_lit.evals import run_evaluation, write_icl_jsonl
+from prolong_lit.evals import EvalSettings, run_evaluation, write_icl_jsonl
 from prolong_lit.evals.helmet import build_helmet_example, load_helmet_task
 from prolong_lit.evals.registry import validate_request
 
@@ -270,12 +270,12 @@ def test_run_evaluation_on_helmet_files(helmet_dir, llama3_tokenizer):
     good = train.read_text()
     train.write_text(good + '{"text": "x", "label": [1]}\n')
     with pytest.raises(ValueError, match=f"{train}:49: field 'label'"):
-        run_evaluation(model, llama3_tokenizer, tasks, [LENGTH], samples_per_task=1, helmet_dir=helmet_dir)
+        run_evaluation(model, llama3_tokenizer, EvalSettings(tasks, [LENGTH], samples_per_task=1,
+                                                             helmet_dir=str(helmet_dir)), None)
     assert calls == []
     train.write_text(good)
-    results = run_evaluation(
-        model, llama3_tokenizer, tasks, [LENGTH], samples_per_task=1, seed=0, helmet_dir=helmet_dir, max_new_tokens=2
-    )
+    settings = EvalSettings(tasks, [LENGTH], samples_per_task=1, seed=0, helmet_dir=str(helmet_dir), max_new_tokens=2)
+    results = run_evaluation(model, llama3_tokenizer, settings, None)
     assert set(results.flat()) == {f"eval/{t}@{LENGTH}" for t in tasks} | {
         "eval/recall",
         "eval/rag",
@@ -290,8 +290,5 @@ def test_run_evaluation_on_helmet_files(helmet_dir, llama3_tokenizer):
     # read again, so a line broken since then goes unnoticed and the scores are the same.
     read_once = {(t, LENGTH): load_helmet_task(t, helmet_dir, LENGTH, samples=1, seed=0) for t in tasks}
     train.write_text(good + '{"text": "x", "label": [1]}\n')
-    again = run_evaluation(
-        model, llama3_tokenizer, tasks, [LENGTH], samples_per_task=1, seed=0, helmet_dir=helmet_dir, max_new_tokens=2,
-        helmet_data=read_once,
-    )
+    again = run_evaluation(model, llama3_tokenizer, settings, None, helmet_data=read_once)
     assert again.flat() == results.flat() and again.records == results.records

@@ -8,7 +8,6 @@ import os
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ports import free_port
 
 from prolong_lit.evals.metrics import (
     NDCG,
@@ -22,6 +21,7 @@ from prolong_lit.evals.metrics import (
     token_f1,
 )
 from prolong_lit.evals.normalize import normalize_answer, parse_output, parse_rankings
+from tests.helpers.ports import free_port
 
 
 def test_normalize_answer_lowercases_drops_punctuation_articles_and_spaces():

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_attention import LargestTensor
 
 from prolong_lit.model.loss import IGNORE_INDEX, chunked_cross_entropy_sum
+from tests.helpers.memory_probe import LargestTensor
 
 B, L, D, V = 2, 37, 16, 50
 

@@ -10,8 +10,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from model_batches import concat_rows, make_packed_batch, share_step
-from test_attention import OVERRIDES, VOCAB, eager_copy
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
@@ -19,6 +17,8 @@ from prolong_lit.data.format import DomainStats, Manifest
 from prolong_lit.model.config import build_llama_config
 from prolong_lit.model.module import LongContextLM, check_manifest
 from prolong_lit.model.schedule import build_optimizer, param_groups, warmup_cosine
+from tests.helpers.model_batches import concat_rows, make_packed_batch, share_step
+from tests.helpers.tiny_model import OVERRIDES, VOCAB, eager_copy
 
 SGD_LR = 0.5
 

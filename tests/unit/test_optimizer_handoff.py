@@ -13,16 +13,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from ports import free_port
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from prolong_lit.callbacks.optimizer_handoff import (
-    DCP_META_FILE,
-    PARAM_NAMES_KEY,
     load_saved_state,
     optimizer_param_names,
     saved_state_shapes,
 )
+from prolong_lit.checkpoint import DCP_META_FILE, PARAM_NAMES_KEY
+from tests.helpers.ports import free_port
 
 # the fixture writes a distributed checkpoint in one process, without a process group, on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")

@@ -1,7 +1,8 @@
-"""The recipe configs carry the paper's numbers (reference §2, §3, §6; Table 9), and every pipeline file parses.
+"""The recipe configs carry the paper's numbers, and every pipeline file parses.
 
-The numbers are read from each phase's config as the pipeline builds it (stage file + the pipeline's overrides,
-paths interpolated), i.e. from what would actually run.
+The numbers (docs/recipe.md: Stages, Optimizer and schedule, Data mixture, SFT) are read from each phase's
+config as the pipeline builds it (stage file + the pipeline's overrides, paths interpolated), i.e. from what
+would actually run.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from prolong_lit.commands.prepare import parse_config
 from prolong_lit.data.mixture import block_counts
-from prolong_lit.data.prepare import parse_config
 from prolong_lit.pipeline import build_phase_config, check_phase_parses
 from prolong_lit.pipeline_config import HANDOFF_CALLBACK, load_pipeline_config
 
@@ -57,7 +58,7 @@ def rows_per_step(fit: dict) -> int:
 
 
 def check_common(fit: dict) -> None:
-    """The optimizer settings shared by all three scripts (reference §2)."""
+    """The optimizer settings shared by all three scripts (docs/recipe.md, Optimizer and schedule)."""
     model, trainer = fit["model"]["init_args"], fit["trainer"]
     assert model["betas"] == [0.9, 0.95] and model["weight_decay"] == 0.1 and model["eps"] == 1e-8
     assert model["min_lr_ratio"] == 0.1  # cosine to 10% of the peak

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_batches import IGNORE_INDEX, make_packed_batch
 
 from prolong_lit.model.loss import chunked_cross_entropy_sum
 from prolong_lit.model.module import LongContextLM
@@ -19,6 +18,7 @@ from prolong_lit.parallel.sequence import (
     shift_labels,
 )
 from prolong_lit.parallel.ulysses import SP_KWARG, kv_head_repeats
+from tests.helpers.model_batches import IGNORE_INDEX, make_packed_batch
 
 VOCAB = 256
 OVERRIDES = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2}

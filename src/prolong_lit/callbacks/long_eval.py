@@ -14,14 +14,18 @@ examples (FSDP shards need every rank's forward passes anyway) and rank zero log
 
 Every check (task names, lengths against the model's `max_position_embeddings`, depths, HELMET files present and
 every line well-formed, the tokenizer against the model's vocabulary) runs in `setup`, before the first training
-step. `python -m prolong_lit eval` (`prolong_lit.eval_command`) runs the same evaluation on a saved model.
+step. What to evaluate is an `EvalSettings` (`prolong_lit.evals.settings`), given in YAML as a mapping:
+
+    init_args: {tokenizer: llama3, every_n_steps: 10, settings: {lengths: [2048], samples_per_task: 2}}
+
+`python -m prolong_lit eval` (`prolong_lit.commands.eval`) runs the same evaluation on a saved model.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,97 +35,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import PreTrainedTokenizerBase
 
 from prolong_lit.evals import (
-    DEFAULT_DEPTHS,
     EvalResults,
+    EvalSettings,
+    check_settings,
     figure_to_array,
     make_figures,
-    registry,
     run_evaluation,
     write_report,
 )
-from prolong_lit.evals.helmet import HelmetData, load_helmet_task
+from prolong_lit.evals.helmet import HelmetData
 from prolong_lit.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-# The synthetic recall tasks: they need no files, so the callback works on any run out of the box.
-DEFAULT_TASKS = ("ruler_niah_s_1", "ruler_niah_mk_2", "ruler_niah_mk_3", "ruler_niah_mv", "json_kv")
 SETTING = "LongContextEval"  # prefix of every error, so it names the callback's init_args to fix
-
-
-@dataclass
-class EvalSettings:
-    """What to evaluate; shared by the callback and the `eval` command (same names as the callback's args)."""
-
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
-    lengths: list[int] | None = None  # None: the model's max_position_embeddings
-    depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
-    samples_per_task: int = 10
-    seed: int = 42
-    helmet_dir: str | None = None
-    batch_size: int = 1
-    max_new_tokens: int | None = None
-    use_cache: bool = True
-
-    def resolved_lengths(self, max_position_embeddings: int) -> list[int]:
-        return list(self.lengths) if self.lengths else [int(max_position_embeddings)]
-
-    def run(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_position_embeddings: int,
-            distributed: bool, helmet_data: HelmetData | None = None) -> EvalResults:
-        """`run_evaluation` with these settings; `helmet_data`: what `check_settings` read (None: read again)."""
-        return run_evaluation(
-            model,
-            tokenizer,
-            self.tasks,
-            self.resolved_lengths(max_position_embeddings),
-            depths=self.depths,
-            samples_per_task=self.samples_per_task,
-            seed=self.seed,
-            helmet_dir=self.helmet_dir,
-            max_position_embeddings=max_position_embeddings,
-            batch_size=self.batch_size,
-            use_cache=self.use_cache,
-            max_new_tokens=self.max_new_tokens,
-            distributed=distributed,
-            helmet_data=helmet_data,
-        )
-
-
-def check_settings(
-    settings: EvalSettings, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_position_embeddings: int,
-    prefix: str = f"{SETTING}.",
-) -> HelmetData:
-    """Every check that can fail before an evaluation starts, HELMET lines included.
-
-    Errors name the setting to fix after `prefix` (`LongContextEval.lengths: ...`, or `--lengths: ...`). Returns the
-    HELMET task data it read, {(task, length): data}, for the evaluations to use instead of reading the files again.
-    """
-    if len(tokenizer) > vocab_size:
-        raise ValueError(
-            f"{prefix}tokenizer: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{vocab_size}; give the tokenizer the model was trained with"
-        )
-    if settings.batch_size < 1:
-        raise ValueError(f"{prefix}batch_size must be >= 1, got {settings.batch_size}")
-    lengths = settings.resolved_lengths(max_position_embeddings)
-    try:  # its messages start with the setting's name ("lengths: ...", "helmet_dir: ...")
-        specs = registry.validate_request(
-            settings.tasks, lengths, settings.depths, settings.samples_per_task, settings.helmet_dir,
-            max_position_embeddings, tokenizer, settings.max_new_tokens,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        raise type(err)(f"{prefix}{err}") from err
-    try:  # reads every line of every file: a malformed one is reported as file:line
-        return {
-            (spec.name, length): load_helmet_task(
-                spec.name, settings.helmet_dir, length, settings.samples_per_task, settings.seed
-            )
-            for spec in specs
-            if spec.source == "helmet"
-            for length in lengths
-        }
-    except (ValueError, FileNotFoundError) as err:
-        raise type(err)(f"{prefix}helmet_dir: {err}") from err
 
 
 class LongContextEval(Callback):
@@ -130,52 +57,30 @@ class LongContextEval(Callback):
     def __init__(
         self,
         tokenizer: str = "llama3",
-        tasks: list[str] | None = None,
-        lengths: list[int] | None = None,
-        depths: list[float] | None = None,
-        samples_per_task: int = 10,
+        settings: EvalSettings | None = None,
         every_n_steps: int | None = None,
         eval_at_start: bool = False,
         eval_at_end: bool = True,
-        seed: int = 42,
-        helmet_dir: str | None = None,
-        batch_size: int = 1,
-        max_new_tokens: int | None = None,
         output_dir: str | None = None,
         log_images: bool = True,
     ) -> None:
         """
         Args:
             tokenizer: the model's tokenizer: a local Hugging Face tokenizer directory, or `llama3`.
-            tasks: task names (prolong_lit.evals.registry.TASKS); None: the five synthetic recall tasks.
-            lengths: evaluation lengths in tokens, each <= the model's max_position_embeddings; None: that maximum.
-            depths: needle depths (0.0 = start of the context, 1.0 = end) of the synthetic tasks; None: 0, .25,
-                .5, .75, 1.
-            samples_per_task: examples per synthetic task and length (taking the depths in turn); test items per
-                HELMET task.
+            settings: what to evaluate (tasks, lengths, depths, samples_per_task, ...; see EvalSettings); None:
+                the defaults (the five synthetic recall tasks at the model's max_position_embeddings).
             every_n_steps: evaluate every N optimizer steps; None: only at the start/end (below).
             eval_at_start: also evaluate before the first training step (the starting model's scores).
             eval_at_end: evaluate at the end of fit (skipped if that step was just evaluated).
-            seed: makes the prompts reproducible (the same examples at every evaluation).
-            helmet_dir: HELMET's `data/` folder, needed by the HELMET file tasks.
-            batch_size: prompts decoded together; 1 avoids padded attention at long lengths.
-            max_new_tokens: caps every task's generation length (None: HELMET's per-task lengths).
             output_dir: where the `step<N>/` report folders go; None: `<trainer.log_dir>/evals`.
             log_images: send the heatmaps and the score-vs-length plot to a TensorBoardLogger.
         """
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(f"{SETTING}.every_n_steps must be a positive integer or null, got {every_n_steps!r}")
+        if settings is not None and not isinstance(settings, EvalSettings):
+            raise TypeError(f"{SETTING}.settings: expected EvalSettings (or a mapping of its fields in YAML)")
         self.tokenizer_name = tokenizer
-        self.settings = EvalSettings(
-            tasks=list(tasks) if tasks is not None else list(DEFAULT_TASKS),
-            lengths=list(lengths) if lengths is not None else None,
-            depths=list(depths) if depths is not None else list(DEFAULT_DEPTHS),
-            samples_per_task=samples_per_task,
-            seed=seed,
-            helmet_dir=helmet_dir,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-        )
+        self.settings = settings if settings is not None else EvalSettings()
         self.every_n_steps = every_n_steps
         self.eval_at_start = eval_at_start
         self.eval_at_end = eval_at_end
@@ -196,7 +101,8 @@ class LongContextEval(Callback):
             return
         vocab_size, self.max_position_embeddings = model_limits(pl_module)
         self.tokenizer = load_tokenizer(self.tokenizer_name, setting=f"{SETTING}.tokenizer")
-        self._helmet_data = check_settings(self.settings, self.tokenizer, vocab_size, self.max_position_embeddings)
+        self._helmet_data = check_settings(self.settings, self.tokenizer, vocab_size, self.max_position_embeddings,
+                                           prefix=f"{SETTING}.settings.", tokenizer_setting=f"{SETTING}.tokenizer")
         manifest = getattr(getattr(trainer, "datamodule", None), "manifest", None)
         if manifest is not None and manifest.vocab_size != len(self.tokenizer) and trainer.is_global_zero:
             log.warning(
@@ -248,9 +154,8 @@ class LongContextEval(Callback):
         out_root = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or ".") / "evals"  # all ranks
         started = time.perf_counter()
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            results = self.settings.run(
-                model, self.tokenizer, self.max_position_embeddings, trainer.world_size > 1, self._helmet_data
-            )
+            results = run_evaluation(model, self.tokenizer, self.settings, self.max_position_embeddings,
+                                     distributed=trainer.world_size > 1, helmet_data=self._helmet_data)
         self._last_eval_step = step
         self.last_results = results
         metrics = results.flat()

@@ -30,11 +30,10 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from prolong_lit.export import DCP_META_FILE, parameter_name
+from prolong_lit.checkpoint import DCP_META_FILE, PARAM_NAMES_KEY, parameter_name, torch_load
 
 log = logging.getLogger(__name__)
 
-PARAM_NAMES_KEY = "optimizer_param_names"  # checkpoint entry: [[names of group 0], [names of group 1], ...]
 DCP_OPTIMIZER_KEY = "optimizer_0"  # Lightning's distributed checkpoints store optimizer i under optimizer_<i>
 
 
@@ -67,8 +66,7 @@ def _file_state(path: Path) -> dict[str, dict[str, Any]]:
     """Parameter name -> its saved state (memory-mapped tensors) of a single-file Lightning checkpoint."""
     if not path.is_file():
         raise FileNotFoundError(f"carry_optimizer: the checkpoint {str(path)!r} does not exist")
-    # weights_only=False: a Lightning checkpoint pickles its hyper-parameters (the user's own run's file).
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = torch_load(path)  # memory-mapped: only the optimizer state is read, as it is used
     states = checkpoint.get("optimizer_states") or []
     if len(states) != 1:
         raise ValueError(

@@ -8,6 +8,8 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from prolong_lit.data.format import PackedBatch
+
 
 class SampleIndexLog(Callback):
     """Appends one JSON line per training micro-batch to `<dirpath>/rank<R>.jsonl`.
@@ -30,13 +32,12 @@ class SampleIndexLog(Callback):
         self._file = open(self.dirpath / f"rank{trainer.global_rank}.jsonl", "a")  # noqa: SIM115
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: dict, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: PackedBatch, batch_idx: int
     ) -> None:
-        if self._file is None or "sample_index" not in batch:
+        if self._file is None:
             return
-        record = {"step": trainer.global_step, "sample_index": batch["sample_index"].tolist()}
-        if "domain_ids" in batch:
-            record["domain_ids"] = batch["domain_ids"].tolist()
+        record = {"step": trainer.global_step, "sample_index": batch.sample_index.tolist(),
+                  "domain_ids": batch.domain_ids.tolist()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from prolong_lit.data.format import PackedBatch
+
 
 class TokenAccounting(Callback):
     """Counts the tokens each domain contributes and the training throughput.
@@ -65,10 +67,10 @@ class TokenAccounting(Callback):
         self._validation_started = None
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: dict, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: PackedBatch, batch_idx: int
     ) -> None:
-        input_ids = batch["input_ids"]
-        domain_ids = batch.get("domain_ids")
+        input_ids = batch.input_ids  # (B, L): under sequence parallelism this rank's chunk of every row
+        domain_ids = batch.domain_ids
         row_tokens = float(input_ids.shape[-1])
         if domain_ids is None or len(self._domains) == 1:
             self._pending[0] += row_tokens * input_ids.shape[0]

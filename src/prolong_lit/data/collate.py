@@ -1,4 +1,4 @@
-"""Turn packed samples into the micro-batch the LightningModule consumes (the contract in COMMON.md).
+"""Turn packed samples into the micro-batch the LightningModule consumes (docs/batch-contract.md).
 
 Every row holds `seq_len` tokens made of whole or cut documents (`doc_lengths`). Attention and loss never cross
 a document boundary: `position_ids` restart at 0 in every document, `cu_seq_lens` lists the document boundaries
@@ -10,14 +10,12 @@ labels[t + 1] by the loss.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 
-from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK
-
-IGNORE_INDEX = -100
+from prolong_lit.constants import IGNORE_INDEX
+from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK, PackedBatch
 
 
 def _check_sample(sample: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +64,7 @@ def collate_samples(
     domain_ids: Sequence[int],
     sample_index: Sequence[int],
     step_loss_tokens: int | None = None,
-) -> dict[str, Any]:
+) -> PackedBatch:
     """Build a micro-batch of B = len(samples) rows.
 
     Args:
@@ -89,16 +87,14 @@ def collate_samples(
     # every row sums to L, so row b's boundaries land after row b-1's in the flattened B*L tokens
     cu_seq_lens = torch.from_numpy(np.concatenate([[0], np.cumsum(all_lengths)]).astype(np.int32))
     loss_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": positions,
-        "cu_seq_lens": cu_seq_lens,  # (num_docs + 1,)
-        "max_seqlen": int(all_lengths.max()),
-        "domain_ids": torch.as_tensor(np.asarray(domain_ids, dtype=np.int64)),  # (B,)
-        "sample_index": torch.as_tensor(np.asarray(sample_index, dtype=np.int64)),  # (B,)
-        "loss_tokens": torch.tensor(loss_tokens, dtype=torch.int64),
-        "step_loss_tokens": torch.tensor(
-            loss_tokens if step_loss_tokens is None else step_loss_tokens, dtype=torch.int64
-        ),
-    }
+    return PackedBatch(
+        input_ids=input_ids,
+        labels=labels,
+        position_ids=positions,
+        cu_seq_lens=cu_seq_lens,  # (num_docs + 1,)
+        max_seqlen=int(all_lengths.max()),
+        domain_ids=torch.as_tensor(np.asarray(domain_ids, dtype=np.int64)),  # (B,)
+        sample_index=torch.as_tensor(np.asarray(sample_index, dtype=np.int64)),  # (B,)
+        loss_tokens=torch.tensor(loss_tokens, dtype=torch.int64),
+        step_loss_tokens=torch.tensor(loss_tokens if step_loss_tokens is None else step_loss_tokens, dtype=torch.int64),
+    )

@@ -21,9 +21,8 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prolong_lit.data.collate import collate_samples, sample_loss_tokens
-from prolong_lit.data.format import LOSS_MASK, Manifest
+from prolong_lit.data.format import LOSS_MASK, Manifest, PackedBatch
 from prolong_lit.data.mixture import BLOCK_SIZE, MixturePlan, StreamLayout, block_counts
-from prolong_lit.parallel.sequence import data_parallel_rank_and_size, sequence_parallel_size_of
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class MixtureTrainStream(IterableDataset):
             self._step_cache = (step, total)
         return self._step_cache[1]
 
-    def micro_batch(self, m: int) -> dict[str, Any]:
+    def micro_batch(self, m: int) -> PackedBatch:
         """This rank's m-th micro-batch since the run (re)started."""
         indices = self.layout.micro_batch_indices(m, self.rank)
         domains, items = self.plan.lookup(indices)
@@ -116,7 +115,7 @@ class ValidationStream(IterableDataset):
     def __len__(self) -> int:
         return math.ceil(len(self.positions) / self.batch_size)
 
-    def batch(self, m: int) -> dict[str, Any]:
+    def batch(self, m: int) -> PackedBatch:
         positions = self.positions[m * self.batch_size : (m + 1) * self.batch_size]
         samples, domains, index = [], [], []
         for p in positions:
@@ -257,12 +256,15 @@ class MixtureDataModule(L.LightningDataModule):
     # ---- what the trainer says ----------------------------------------------------------------------------
 
     def _data_parallel_rank_and_size(self) -> tuple[int, int]:
-        """This process's rank among the ranks that read different data, and their number."""
+        """This process's rank among the ranks that read different data, and their number: the trainer's
+        strategy says, through its parallel plan (prolong_lit.parallel.plan: the ranks of a sequence-parallel
+        group read the same samples); under a strategy without one, every rank reads its own."""
         if self.trainer is None:
             return 0, 1
-        # the P ranks of a sequence-parallel group (model.sequence_parallel_size) read the same samples
-        size = sequence_parallel_size_of(self.trainer.lightning_module)
-        return data_parallel_rank_and_size(self.trainer.global_rank, self.trainer.world_size, size)
+        plan = getattr(self.trainer.strategy, "parallel_plan", None)
+        if plan is None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return plan.data_parallel_rank, plan.data_parallel_size
 
     def _accumulate_and_phase(self) -> tuple[int, int]:
         """Trainer.accumulate_grad_batches, and how many micro-batches of its current optimizer step the

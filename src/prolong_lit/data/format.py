@@ -9,13 +9,18 @@ Every sample of every domain is a dict with
     input_ids    np.int32 array of exactly `seq_len` token ids
     doc_lengths  np.int32 array, the lengths of the consecutive documents in the row (sum == seq_len)
     loss_mask    np.uint8 array of `seq_len` (1 = train on this token); only in domains with `has_loss_mask`
+
+The DataModules turn samples into `PackedBatch`es (data/collate.py), the micro-batch the LightningModule trains on
+(docs/batch-contract.md).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 MANIFEST_NAME = "manifest.json"
 INPUT_IDS = "input_ids"
@@ -58,3 +63,31 @@ class Manifest:
         raw = json.loads(path.read_text())
         domains = {name: DomainStats(**stats) for name, stats in raw.pop("domains").items()}
         return cls(domains=domains, **raw)
+
+
+@dataclass
+class PackedBatch:
+    """A micro-batch of B packed rows of L tokens; documents never see each other (docs/batch-contract.md).
+
+    Labels are NOT shifted (position t's output predicts labels[t + 1]) unless `labels_shifted`; the first token
+    of every document and every masked token carry -100.
+    """
+
+    input_ids: torch.Tensor  # (B, L) int64
+    labels: torch.Tensor  # (B, L) int64
+    position_ids: torch.Tensor  # (B, L) int64, restarting at 0 in every document
+    cu_seq_lens: torch.Tensor  # (num_docs + 1,) int32: document boundaries over the flattened B*L tokens
+    max_seqlen: int  # the longest document
+    domain_ids: torch.Tensor  # (B,) each row's index in the DataModule's sorted domain list
+    sample_index: torch.Tensor  # (B,) each row's global stream index (-1: a validation padding row)
+    loss_tokens: torch.Tensor  # () positions with a label in this micro-batch
+    step_loss_tokens: torch.Tensor  # () loss tokens of the whole optimizer step over all data-parallel ranks
+    # Set by sequence-parallel sharding (a rank's chunk of every row): labels[t] is already position t's target,
+    # and `sequence_exchange` says the documents cross chunk boundaries (attention must exchange heads for
+    # sequence over the whole rows; else the chunk's own cu_seq_lens are exact).
+    labels_shifted: bool = False
+    sequence_exchange: bool = False
+
+    def replace(self, **changes) -> PackedBatch:
+        """A copy with some fields changed."""
+        return replace(self, **changes)

@@ -1,7 +1,6 @@
-"""`prepare`: raw documents -> tokenized, filtered, packed litdata shards, one directory per domain.
+"""`prepare(config)`: raw documents -> tokenized, filtered, packed litdata shards, one directory per domain.
 
-    python -m prolong_lit prepare --config configs/data/demo.yaml [--overwrite] [--output_dir X]
-
+Its command line is `python -m prolong_lit prepare --config configs/data/demo.yaml` (`prolong_lit.commands.prepare`).
 Every setting is checked (sources exist and hold documents, the tokenizer loads, the output directory is free)
 before any work. Documents are tokenized in a process pool (ordered, so the result does not depend on the
 number of workers), filtered by length, stored in scratch token files beside the output, planned into
@@ -22,7 +21,7 @@ import shutil
 import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -358,34 +357,3 @@ def _pin_index_timestamp(out: Path) -> None:
     index["updated_at"] = digest.hexdigest()[:32]
     index_path.write_text(json.dumps(index, sort_keys=True))
 
-
-# ---- command line ----
-
-
-def build_parser():
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
-
-    parser = ArgumentParser(
-        prog="python -m prolong_lit prepare",
-        description="Tokenize, filter and pack raw documents into litdata shards (one directory per domain).",
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the settings below")
-    parser.add_class_arguments(PrepareConfig, as_group=False)
-    parser.add_argument(
-        "--overwrite", action=ActionYesNo, default=False, help="replace an existing prepared output_dir"
-    )
-    return parser
-
-
-def parse_config(argv: list[str] | None = None) -> tuple[PrepareConfig, bool]:
-    """The config and the overwrite flag from command-line arguments."""
-    parser = build_parser()
-    namespace = parser.instantiate(parser.parse_args(argv))
-    names = [f.name for f in fields(PrepareConfig)]
-    return PrepareConfig(**{name: namespace[name] for name in names}), bool(namespace.overwrite)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m prolong_lit prepare ...`"""
-    config, overwrite = parse_config(argv)
-    prepare(config, overwrite=overwrite)

@@ -13,6 +13,7 @@ Modules:
     metrics        EM, substring EM, F1, RULER recall, accuracy, NDCG@10 (pure functions and torchmetrics Metrics)
     normalize      SQuAD-style answer normalisation, output and ranking parsing
     position_loss  mean NLL per position bucket on long documents
+    settings       EvalSettings (what to evaluate) and check_settings (every check before the model loads)
     runner         run_evaluation
     results        EvalExample, EvalResults (flat scalars, JSON schema)
     report         JSON + Markdown report and matplotlib figures
@@ -25,19 +26,23 @@ from prolong_lit.evals.position_loss import loss_by_position
 from prolong_lit.evals.registry import CATEGORIES, TASKS
 from prolong_lit.evals.report import figure_to_array, make_figures, write_report
 from prolong_lit.evals.results import EvalExample, EvalResults
-from prolong_lit.evals.runner import DEFAULT_DEPTHS, run_evaluation
+from prolong_lit.evals.runner import run_evaluation
+from prolong_lit.evals.settings import DEFAULT_DEPTHS, DEFAULT_TASKS, EvalSettings, check_settings
 from prolong_lit.evals.synthetic import build_synthetic_example
 
 __all__ = [
     "CATEGORIES",
     "DEFAULT_DEPTHS",
+    "DEFAULT_TASKS",
     "METRICS",
     "TASKS",
     "EvalExample",
     "EvalResults",
+    "EvalSettings",
     "GenerationStats",
     "build_metric",
     "build_synthetic_example",
+    "check_settings",
     "figure_to_array",
     "greedy_generate",
     "loss_by_position",

@@ -19,7 +19,6 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -30,11 +29,10 @@ from prolong_lit.evals.generation import GenerationStats, greedy_generate, stop_
 from prolong_lit.evals.helmet import HelmetData, HelmetTaskData, build_helmet_example, load_helmet_task
 from prolong_lit.evals.metrics import build_metric
 from prolong_lit.evals.results import EvalExample, EvalResults
+from prolong_lit.evals.settings import EvalSettings
 from prolong_lit.evals.synthetic import build_synthetic_example
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def _build(
@@ -74,40 +72,28 @@ def _depth_scores(records: list[dict]) -> dict[str, dict[int, dict[float, float]
 def run_evaluation(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    tasks: Sequence[str],
-    lengths: Sequence[int],
-    depths: Sequence[float] = DEFAULT_DEPTHS,
-    samples_per_task: int = 10,
-    seed: int = 42,
-    helmet_dir: str | Path | None = None,
-    max_position_embeddings: int | None = None,
-    batch_size: int = 1,
-    use_cache: bool = True,
-    max_new_tokens: int | None = None,
+    settings: EvalSettings,
+    max_position_embeddings: int | None,
     distributed: bool | None = None,
     keep_records: bool = True,
     helmet_data: HelmetData | None = None,
 ) -> EvalResults:
-    """Evaluate `model` (any transformers causal LM) on `tasks` at each of `lengths` tokens.
+    """Evaluate `model` (any transformers causal LM) as `settings` say (tasks, lengths, depths, samples...).
 
     Args:
         model: the causal LM; put in eval mode for the run and restored afterwards.
         tokenizer: its tokenizer; prompts are sized in its tokens.
-        tasks: task names (see `registry.TASKS`).
-        lengths: evaluation lengths in tokens.
-        depths: needle depths (0.0 = start of the context, 1.0 = end) for the synthetic tasks.
-        samples_per_task: examples per synthetic task@length; test items (RAG/re-rank: questions) for HELMET.
-        seed: makes prompts, samples and demonstrations reproducible.
-        helmet_dir: HELMET's `data/` folder (needed by the HELMET file tasks).
-        max_position_embeddings: lengths above it are refused (None: no check).
-        batch_size: prompts decoded together (left-padded); 1 avoids padded attention masks at long lengths.
-        use_cache: KV-cache decoding (False re-runs the whole sequence per token, for benchmarks).
-        max_new_tokens: caps every task's generation length (None: HELMET's per-task lengths).
+        settings: what to evaluate (see `EvalSettings`).
+        max_position_embeddings: the model's; lengths above it are refused, and it is the length evaluated when
+            `settings.lengths` is None (None: no check, and `settings.lengths` must be given).
         distributed: shard examples across torch.distributed ranks and gather results (None: if initialised).
         keep_records: keep per-example records (outputs, scores) in the results.
         helmet_data: HELMET task data already read for these settings (`check_settings` returns it); the files of
             any (task, length) it lacks are read here.
     """
+    tasks, lengths, depths = settings.tasks, settings.resolved_lengths(max_position_embeddings), settings.depths
+    samples_per_task, seed, helmet_dir = settings.samples_per_task, settings.seed, settings.helmet_dir
+    batch_size, use_cache, max_new_tokens = settings.batch_size, settings.use_cache, settings.max_new_tokens
     specs = registry.validate_request(
         tasks, lengths, depths, samples_per_task, helmet_dir, max_position_embeddings, tokenizer, max_new_tokens
     )

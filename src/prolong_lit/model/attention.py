@@ -11,6 +11,9 @@ B*L tokens and attention never crosses one. Three implementations are registered
     prolong_auto     prolong_varlen for CUDA tensors when flash-attn imports, prolong_docmask otherwise,
                      decided per call from the tensors' device (so a CPU run on a GPU machine stays exact).
 
+Each has a sequence-parallel twin (`prolong_sp_auto`, ...: the same kernel inside Ulysses' all-to-all exchanges,
+`prolong_lit.parallel.ulysses`) that behaves exactly like its base unless the forward passes a group.
+
 Calls without `cu_seq_lens` (ordinary batches, generation with a KV cache and a padding mask) go to
 transformers' own SDPA attention with the mask transformers built, so the same model object can generate. The
 one exception: packed `position_ids` (restarting inside a row) without `cu_seq_lens` and without a mask get
@@ -33,12 +36,14 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from prolong_lit.parallel.ulysses import ulysses_attention
+
 log = logging.getLogger(__name__)
 
 VARLEN = "prolong_varlen"
 DOCMASK = "prolong_docmask"
 AUTO = "prolong_auto"
-# `model.attn_implementation` values -> registered transformers names. `sdpa`/`eager` are transformers' own
+# `model.kernels.attn_implementation` values -> registered transformers names. `sdpa`/`eager` are transformers' own
 # (packed rows then get transformers' dense L x L mask: for comparisons and benchmarks only).
 ATTN_IMPLEMENTATIONS = {
     "auto": AUTO,
@@ -51,18 +56,19 @@ ATTN_IMPLEMENTATIONS = {
     DOCMASK: DOCMASK,
 }
 DEFAULT_DOCMASK_BLOCK_SIZE = 1024
+SEQUENCE_PARALLEL_NAMES = {AUTO: "prolong_sp_auto", VARLEN: "prolong_sp_varlen", DOCMASK: "prolong_sp_docmask"}
 
 
 def resolve_attn_implementation(name: str) -> str:
-    """The transformers attention name for a `model.attn_implementation` value; a clear error otherwise."""
+    """The transformers attention name for a `model.kernels.attn_implementation` value; a clear error otherwise."""
     if name not in ATTN_IMPLEMENTATIONS:
         raise ValueError(
-            f"model.attn_implementation: {name!r} is unknown; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+            f"model.kernels.attn_implementation: {name!r} is unknown; choose one of {', '.join(ATTN_IMPLEMENTATIONS)}"
         )
     resolved = ATTN_IMPLEMENTATIONS[name]
     if resolved == VARLEN and flash_attn_varlen_func() is None:
         raise ValueError(
-            f"model.attn_implementation: {name!r} needs the flash-attn package (pip install -e '.[gpu]' on a "
+            f"model.kernels.attn_implementation: {name!r} needs the flash-attn package (pip install -e '.[gpu]' on a "
             "CUDA machine); use 'auto' to fall back to the exact document-masked attention"
         )
     return resolved
@@ -273,12 +279,23 @@ def padding_only_mask(
     )
 
 
+def sequence_parallel_attn_name(attn_name: str) -> str:
+    """The sequence-parallel twin of a resolved attention name; a clear error for transformers' own ones."""
+    if attn_name not in SEQUENCE_PARALLEL_NAMES:
+        raise ValueError(
+            f"model.kernels.attn_implementation: {attn_name!r} cannot run with sequence parallelism "
+            "(trainer.strategy.init_args.sequence_parallel_size > 1); use auto, flash or docmask"
+        )
+    return SEQUENCE_PARALLEL_NAMES[attn_name]
+
+
 def register_attention() -> None:
-    """Register the three names with transformers (idempotent; done on import)."""
+    """Register the three names and their sequence-parallel twins with transformers (idempotent; on import)."""
     functions = {VARLEN: varlen_attention_forward, DOCMASK: docmask_attention_forward, AUTO: auto_attention_forward}
     for name, function in functions.items():
-        AttentionInterface.register(name, function)
-        AttentionMaskInterface.register(name, padding_only_mask)
+        for registered, forward in ((name, function), (SEQUENCE_PARALLEL_NAMES[name], ulysses_attention(function))):
+            AttentionInterface.register(registered, forward)
+            AttentionMaskInterface.register(registered, padding_only_mask)
 
 
 @functools.cache

@@ -74,7 +74,7 @@ def build_llama_config(
         config.validate()
     except Exception as err:  # the strict dataclass names the bad field; say which settings feed it
         raise ValueError(
-            f"model.model_overrides / model.rope_theta / model.rope_scaling / model.max_position_embeddings "
+            f"model.llama.overrides / model.llama.rope_theta / model.llama.rope_scaling / model.llama.max_position_embeddings "
             f"give an invalid Llama config: {err}"
         ) from err
     return config
@@ -109,7 +109,7 @@ def _checkpoint_config(path: str) -> LlamaConfig:
     raw = json.loads((Path(path).expanduser() / "config.json").read_text())
     if raw.get("model_type") != "llama":
         raise ValueError(
-            f"model.model: {path!r} holds a {raw.get('model_type')!r} checkpoint; only Llama checkpoints "
+            f"model.llama.name_or_path: {path!r} holds a {raw.get('model_type')!r} checkpoint; only Llama checkpoints "
             "(model_type 'llama') are supported"
         )
     return LlamaConfig.from_pretrained(path, local_files_only=True)
@@ -118,17 +118,17 @@ def _checkpoint_config(path: str) -> LlamaConfig:
 def _apply_override(config: LlamaConfig, key: str, value: Any) -> None:
     if key in _ROPE_FIELDS:
         raise ValueError(
-            f"model.model_overrides: set {key!r} with model.rope_theta / model.rope_scaling instead"
+            f"model.llama.overrides: set {key!r} with model.llama.rope_theta / model.llama.rope_scaling instead"
         )
     fields = {field.name for field in dataclasses.fields(config)}
     if key not in fields:
         raise ValueError(
-            f"model.model_overrides: {key!r} is not a LlamaConfig field (known: {', '.join(sorted(fields))})"
+            f"model.llama.overrides: {key!r} is not a LlamaConfig field (known: {', '.join(sorted(fields))})"
         )
     try:
         setattr(config, key, value)
     except Exception as err:  # strict dataclass type check
-        raise ValueError(f"model.model_overrides: {key}={value!r} is invalid: {err}") from err
+        raise ValueError(f"model.llama.overrides: {key}={value!r} is invalid: {err}") from err
 
 
 def _rope_parameters(
@@ -140,11 +140,11 @@ def _rope_parameters(
         if "type" in scaling and "rope_type" not in scaling:  # transformers 4 spelling
             scaling["rope_type"] = scaling.pop("type")
         if "rope_type" not in scaling:
-            raise ValueError("model.rope_scaling: needs a 'rope_type' (e.g. 'default', 'linear', 'llama3', 'yarn')")
+            raise ValueError("model.llama.rope_scaling: needs a 'rope_type' (e.g. 'default', 'linear', 'llama3', 'yarn')")
         params = {"rope_theta": params.get("rope_theta"), **scaling}
     if rope_theta is not None:
         params["rope_theta"] = float(rope_theta)
     if params.get("rope_theta") is None:
-        raise ValueError("model.rope_theta: the model's config has no rope_theta; set one")
+        raise ValueError("model.llama.rope_theta: the model's config has no rope_theta; set one")
     params.setdefault("rope_type", "default")
     return params

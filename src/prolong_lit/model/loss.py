@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from prolong_lit.constants import IGNORE_INDEX
 
 
 def _chunk_cross_entropy(lm_head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
@@ -41,7 +41,7 @@ def chunked_cross_entropy_sum(
     before cutting it into chunks, so a chunk's last position keeps the next chunk's first token as target).
     """
     if chunk_size < 1:
-        raise ValueError(f"model.loss_chunk_size must be >= 1, got {chunk_size}")
+        raise ValueError(f"model.kernels.loss_chunk_size must be >= 1, got {chunk_size}")
     width = hidden.shape[-1]
     if labels_shifted:
         states = hidden.reshape(-1, width)  # (B*L, d)

@@ -6,6 +6,9 @@ step returns sum_CE / step_loss_tokens * A * W; Lightning divides by A (accumula
 average over W ranks, so the gradient is exactly that of the mean over every loss token of the step, however
 unevenly the tokens fall between micro-batches (SFT) or ranks. Under sequence parallelism (parallel/sequence.py)
 W is still the whole world: the P ranks of a group hold different tokens of the same rows (gradient_average_size).
+
+Parallelism is not configured here: the module asks the trainer's strategy for its parallel plan
+(`prolong_lit.parallel.plan.plan_of`) and builds the Llama laid out by it (`prolong_lit.model.parallelize`).
 """
 
 from __future__ import annotations
@@ -17,24 +20,20 @@ import lightning.pytorch as pl
 import torch
 from torch.distributed.tensor import DTensor
 
-from prolong_lit.model.attention import DEFAULT_DOCMASK_BLOCK_SIZE, resolve_attn_implementation
-from prolong_lit.model.config import architecture, build_llama_config, build_llama_model
+from prolong_lit.checkpoint import HF_CONFIG_KEY, run_metadata
+from prolong_lit.data.format import PackedBatch
+from prolong_lit.model.attention import resolve_attn_implementation, sequence_parallel_attn_name
+from prolong_lit.model.config import architecture, build_llama_config
 from prolong_lit.model.loss import chunked_cross_entropy_sum
-from prolong_lit.model.schedule import build_optimizer
-from prolong_lit.parallel.fsdp import ShardingConfig, build_sharded_llama, fsdp_mesh
-from prolong_lit.parallel.sequence import (
-    LABELS_SHIFTED,
-    SequenceParallel,
-    check_sequence_parallel_shape,
-    init_sequence_parallel,
-    shard_batch,
-)
-from prolong_lit.parallel.ulysses import SP_KWARG, sequence_parallel_attn_name
+from prolong_lit.model.optim import AdamW, OptimizerFactory, SchedulerFactory, WarmupCosine, param_groups
+from prolong_lit.model.parallelize import build_parallel_llama
+from prolong_lit.model.sequence_batch import shard_batch
+from prolong_lit.model.settings import KernelSettings, LlamaSettings
+from prolong_lit.parallel.plan import ParallelPlan, plan_of
+from prolong_lit.parallel.sequence import check_sequence_parallel_shape
+from prolong_lit.parallel.ulysses import SP_KWARG
 
 log = logging.getLogger(__name__)
-
-HF_CONFIG_KEY = "hf_config"  # the checkpoint entry holding the Hugging Face config dict
-TOKENIZER_KEY = "tokenizer"  # the checkpoint entry naming the tokenizer the training data was prepared with
 
 
 class LongContextLM(pl.LightningModule):
@@ -42,153 +41,116 @@ class LongContextLM(pl.LightningModule):
 
     def __init__(
         self,
-        model: str = "tiny",
-        model_overrides: dict[str, Any] | None = None,
-        rope_theta: float | None = None,
-        rope_scaling: dict[str, Any] | None = None,
-        max_position_embeddings: int | None = None,
+        llama: LlamaSettings = LlamaSettings(),
         seq_len: int = 2048,
-        attn_implementation: str = "auto",
-        docmask_block_size: int = DEFAULT_DOCMASK_BLOCK_SIZE,
-        loss_chunk_size: int = 2048,
-        activation_checkpointing: bool = False,
-        fsdp_param_dtype: str | None = None,
-        fsdp_reduce_dtype: str | None = "float32",
-        fsdp_cpu_offload: bool = False,
-        fsdp_reshard_after_forward: bool = True,
-        sequence_parallel_size: int = 1,
-        lr: float = 1e-5,
-        betas: tuple[float, float] = (0.9, 0.95),
-        weight_decay: float = 0.1,
-        eps: float = 1e-8,
-        warmup_ratio: float = 0.1,
-        warmup_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
+        kernels: KernelSettings = KernelSettings(),
+        optimizer: OptimizerFactory = AdamW,
+        scheduler: SchedulerFactory = WarmupCosine,
     ) -> None:
         """
         Args:
-            model: a named size (`tiny` for the demo and tests, `llama3-8b`) or a local Hugging Face checkpoint
-                directory whose weights load as they are.
-            model_overrides: other LlamaConfig fields to change, e.g. {num_hidden_layers: 4}.
-            rope_theta: RoPE base written into the config (ProLong: 8e6 at 64K, 1.28e8 at 512K); None keeps it.
-            rope_scaling: RoPE scaling dict (`rope_type` plus its fields) replacing the checkpoint's; None keeps it,
-                {rope_type: default} removes it (ProLong uses none).
-            max_position_embeddings: written into the config; must be >= seq_len. None keeps the model's.
+            llama: the Llama the run starts from (a checkpoint directory or a named size) and its RoPE / length
+                overrides.
             seq_len: training row length in tokens; the prepared data's seq_len must match (data.seq_len is linked).
-            attn_implementation: auto (FlashAttention-2 varlen on CUDA with flash-attn, exact document-masked SDPA
-                otherwise), flash, docmask, or transformers' sdpa/eager (dense L x L packed mask; comparisons only).
-            docmask_block_size: queries per SDPA call in the document-masked attention (memory ~ block x doc length).
-            loss_chunk_size: tokens per chunk of the LM head + cross-entropy (the full logits never exist).
-            activation_checkpointing: recompute each decoder layer in backward (needed at 64K and beyond).
-            fsdp_param_dtype: under a sharding strategy (FSDP2Strategy / ModelParallelStrategy), the compute and
-                all-gather dtype of the parameters (bfloat16: the recipe's mixed precision, fp32 master weights
-                kept sharded); null computes in the parameters' own dtype (full fp32). Ignored without sharding.
-            fsdp_reduce_dtype: under sharding, the dtype gradients are reduced in (float32); null: fsdp_param_dtype.
-            fsdp_cpu_offload: under sharding, keep sharded parameters, gradients and optimizer states on the CPU.
-            fsdp_reshard_after_forward: under sharding, free each decoder layer's gathered parameters after its
-                forward (less memory, one more all-gather per layer in backward).
-            sequence_parallel_size: P, the ranks that share every row (Ulysses all-to-all attention; ProLong: 8
-                at 512K). Must divide the world size, model.seq_len and the attention heads; the ranks of a group
-                read the same samples, so the data-parallel size is world / P.
-            lr: peak learning rate (paper: 1e-5; SFT 2e-5).
-            betas: AdamW betas.
-            weight_decay: AdamW weight decay on matrices (not on norms and biases).
-            eps: AdamW epsilon.
-            warmup_ratio: linear warmup length as a fraction of trainer.max_steps (ignored if warmup_steps is set).
-            warmup_steps: linear warmup length in optimizer steps.
-            min_lr_ratio: the cosine decays to this fraction of lr at trainer.max_steps.
+            kernels: the attention implementation and the loss chunking.
+            optimizer: the optimizer, called with the parameter groups (weight decay on matrices only); AdamW with
+                the recipe's defaults (lr 1e-5, betas (0.9, 0.95), weight decay 0.1, eps 1e-8).
+            scheduler: the learning-rate schedule, called with (optimizer, trainer.max_steps) and stepped every
+                optimizer step; linear warmup + cosine to 10% (the recipe's).
         """
         super().__init__()
         self.save_hyperparameters()
-        if docmask_block_size < 1 or loss_chunk_size < 1:
-            raise ValueError("model.docmask_block_size and model.loss_chunk_size must be >= 1")
-        self.attn_name = resolve_attn_implementation(attn_implementation)
-        self.hf_config = build_llama_config(model, model_overrides, rope_theta, rope_scaling,
-                                            max_position_embeddings)
+        self.llama_settings, self.kernels, self.seq_len = llama, kernels, seq_len
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.attn_name = resolve_attn_implementation(kernels.attn_implementation)
+        self.hf_config = build_llama_config(llama.name_or_path, llama.overrides, llama.rope_theta, llama.rope_scaling,
+                                            llama.max_position_embeddings)
         if self.hf_config.max_position_embeddings < seq_len:
             raise ValueError(
-                f"model.max_position_embeddings ({self.hf_config.max_position_embeddings}) must be >= "
-                f"model.seq_len ({seq_len}); set model.max_position_embeddings"
+                f"model.llama.max_position_embeddings ({self.hf_config.max_position_embeddings}) must be >= "
+                f"model.seq_len ({seq_len}); set model.llama.max_position_embeddings"
             )
-        # sequence parallelism: the attention's twin that can exchange heads for sequence; the group is built in
-        # setup, once the process group exists
-        self.sequence_parallel_size = sequence_parallel_size  # read by the DataModule (data-parallel rank/size)
-        self.sequence_parallel: SequenceParallel | None = None
-        self._sp_checked_stages: set[str] = set()  # stages whose first batch the SP group compared
-        if sequence_parallel_size != 1:
-            check_sequence_parallel_shape(sequence_parallel_size, seq_len, self.hf_config.num_attention_heads,
-                                          self.hf_config.num_key_value_heads)
-            self.attn_name = sequence_parallel_attn_name(self.attn_name)
-        self.fsdp_config = ShardingConfig(fsdp_param_dtype, fsdp_reduce_dtype, fsdp_cpu_offload,
-                                          fsdp_reshard_after_forward)  # applied when a device mesh exists
         self.model = None  # LlamaForCausalLM, built in configure_model
         self.tokenizer_name: str | None = None  # from the prepared data's manifest, recorded in checkpoints
+        self._plan: ParallelPlan | None = None  # set_parallel_plan, else the trainer's strategy's (parallel_plan)
+        self._sp_checked_stages: set[str] = set()  # stages whose first batch the SP group compared
         self._step_loss_sum: torch.Tensor | None = None  # detached sum_CE of this optimizer step, this rank
         self._step_loss_tokens: torch.Tensor | None = None
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
 
+    # -- parallel plan -----------------------------------------------------------------------------------------
+
+    @property
+    def parallel_plan(self) -> ParallelPlan:
+        """How this rank's model is laid out: the trainer's strategy's plan (a plain one-rank plan when the module
+        runs outside a Trainer and none was set)."""
+        if self._plan is not None:
+            return self._plan
+        if self._trainer is not None:
+            return plan_of(self.trainer.strategy)
+        return ParallelPlan()
+
+    def set_parallel_plan(self, plan: ParallelPlan) -> None:
+        """Use `plan` instead of the strategy's (a module driven by hand, outside a Trainer); before
+        configure_model."""
+        if self.model is not None:
+            raise RuntimeError("set_parallel_plan must come before configure_model builds the model")
+        self._plan = plan
+
+    @property
+    def sequence_parallel(self):
+        """This rank's sequence-parallel group (None: every rank holds whole rows)."""
+        return self.parallel_plan.sequence_parallel
+
     # -- model -------------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        """Build the Hugging Face model (once). Lightning calls this inside its init contexts (device, dtype).
-        Under a sharding strategy (a device mesh exists: FSDP2Strategy, ModelParallelStrategy) the model is
-        FSDP2-sharded here (prolong_lit.parallel.fsdp); a checkpoint is then loaded shard by shard."""
+        """Build the Hugging Face model (once), laid out by the parallel plan: sharded with FSDP2 when the plan
+        has a shard mesh (a checkpoint is then loaded shard by shard), checkpointed per decoder layer when it
+        says so. Lightning calls this inside its init contexts (device, dtype)."""
         if self.model is not None:
             return
-        if self.device_mesh is None:
-            self.model = build_llama_model(self.hparams.model, self.hf_config, self.attn_name)
-            self._enable_activation_checkpointing(self.model)
-        else:
-            self.model = build_sharded_llama(self.hparams.model, self.hf_config, self.attn_name,
-                                             fsdp_mesh(self.device_mesh), self.fsdp_config,
-                                             prepare=self._enable_activation_checkpointing)
-        log.info("built %s: %.1fM parameters, attention %s%s", self.hparams.model,
-                 sum(p.numel() for p in self.model.parameters()) / 1e6, self.attn_name,
-                 "" if self.device_mesh is None else f", sharded ({self.fsdp_config})")
+        plan = self.parallel_plan
+        attn_name = self.attn_name
+        if plan.sequence_parallel is not None:
+            check_sequence_parallel_shape(plan.sequence_parallel_size, self.seq_len,
+                                          self.hf_config.num_attention_heads, self.hf_config.num_key_value_heads)
+            attn_name = sequence_parallel_attn_name(attn_name)  # the twin that can exchange heads for sequence
+        self.model = build_parallel_llama(self.llama_settings.name_or_path, self.hf_config, attn_name, plan)
+        log.info("built %s: %.1fM parameters, attention %s%s", self.llama_settings.name_or_path,
+                 sum(p.numel() for p in self.model.parameters()) / 1e6, attn_name,
+                 "" if plan.shard_mesh is None else f", sharded ({plan.sharding})")
 
-    def _enable_activation_checkpointing(self, model: torch.nn.Module) -> None:
-        if not self.hparams.activation_checkpointing:
-            return
-        # transformers >= 5.2x renamed gradient_checkpointing_enable; both checkpoint each decoder layer's forward
-        # (inside FSDP2's hooks, which then stay outside the recompute)
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Final hidden states (B, L, d) of a packed micro-batch; documents never attend to each other.
 
         A micro-batch cut by `shard_batch` (sequence parallelism) holds this rank's chunk of every row; when its
-        documents cross chunk boundaries it carries the group, and attention exchanges heads for sequence."""
-        cu_seq_lens = batch["cu_seq_lens"]
-        max_seqlen = int(batch["max_seqlen"])
-        sequence_parallel = batch.get(SP_KWARG)
-        extra = {SP_KWARG: sequence_parallel} if sequence_parallel is not None else {}
+        documents cross chunk boundaries (`sequence_exchange`) attention exchanges heads for sequence within
+        this rank's group."""
+        extra = {SP_KWARG: self.sequence_parallel} if batch.sequence_exchange else {}
         out = self.model.model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            cu_seq_lens_q=cu_seq_lens,
-            cu_seq_lens_k=cu_seq_lens,
-            max_length_q=max_seqlen,
-            max_length_k=max_seqlen,
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            cu_seq_lens_q=batch.cu_seq_lens,
+            cu_seq_lens_k=batch.cu_seq_lens,
+            max_length_q=int(batch.max_seqlen),
+            max_length_k=int(batch.max_seqlen),
             use_cache=False,
-            docmask_block_size=self.hparams.docmask_block_size,
+            docmask_block_size=self.kernels.docmask_block_size,
             **extra,
         )
         return out.last_hidden_state  # (B, L, d)
 
-    def compute_loss_sum(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss_sum(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token cross-entropies, number of loss tokens) of a micro-batch; labels are unshifted unless
         the batch says `labels_shifted` (a sequence-parallel chunk)."""
-        if self.sequence_parallel is not None and LABELS_SHIFTED not in batch:
+        if self.sequence_parallel is not None and not batch.labels_shifted:
             # a DataModule's own on_after_batch_transfer replaced ours: shard here, the loss stays exact
             batch = shard_batch(batch, self.sequence_parallel)
         hidden = self(batch)  # (B, L, d)
-        return chunked_cross_entropy_sum(hidden, batch["labels"], self.model.lm_head, self.hparams.loss_chunk_size,
-                                         labels_shifted=bool(batch.get(LABELS_SHIFTED, False)))
+        return chunked_cross_entropy_sum(hidden, batch.labels, self.model.lm_head, self.kernels.loss_chunk_size,
+                                         labels_shifted=batch.labels_shifted)
 
     # -- training ----------------------------------------------------------------------------------------------
 
@@ -205,16 +167,16 @@ class LongContextLM(pl.LightningModule):
         The group checks that its ranks got the same rows (an all-gather) on the first batch of each stage
         only: a DataModule that splits the groups wrongly does so from its first batch on, and the check
         should not cost a collective and a device sync on every micro-batch."""
-        if self.sequence_parallel is not None and isinstance(batch, dict) and "cu_seq_lens" in batch:
+        if self.sequence_parallel is not None and isinstance(batch, PackedBatch) and not batch.labels_shifted:
             stage = str(self.trainer.state.stage)
             check_same = stage not in self._sp_checked_stages
             self._sp_checked_stages.add(stage)
             return shard_batch(batch, self.sequence_parallel, check_same=check_same)
         return batch
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> torch.Tensor:
         loss_sum, _ = self.compute_loss_sum(batch)
-        step_tokens = torch.as_tensor(batch["step_loss_tokens"], device=loss_sum.device)
+        step_tokens = torch.as_tensor(batch.step_loss_tokens, device=loss_sum.device)
         scale = self.trainer.accumulate_grad_batches * self.gradient_average_size()
         detached = loss_sum.detach()
         self._step_loss_sum = detached if self._step_loss_sum is None else self._step_loss_sum + detached
@@ -240,11 +202,8 @@ class LongContextLM(pl.LightningModule):
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer, scheduler = build_optimizer(
-            self.model, hp.lr, hp.betas, hp.weight_decay, hp.eps, self.trainer.max_steps,
-            hp.warmup_ratio, hp.warmup_steps, hp.min_lr_ratio,
-        )
+        optimizer = self.optimizer_factory(param_groups(self.model.named_parameters()))
+        scheduler = self.scheduler_factory(optimizer, self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- validation --------------------------------------------------------------------------------------------
@@ -253,7 +212,7 @@ class LongContextLM(pl.LightningModule):
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_count = torch.zeros((), dtype=torch.int64, device=self.device)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(self, batch: PackedBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss_sum, count = self.compute_loss_sum(batch)
         self._val_sum += loss_sum.detach().double()
         self._val_count += count
@@ -270,18 +229,12 @@ class LongContextLM(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         manifest = getattr(datamodule, "manifest", None)
         if manifest is not None:
-            check_manifest(manifest, self.hparams.seq_len, self.hf_config.vocab_size, self.hparams.model)
+            check_manifest(manifest, self.seq_len, self.hf_config.vocab_size, self.llama_settings.name_or_path)
             self.tokenizer_name = manifest.tokenizer
-        if self.sequence_parallel_size > 1 and self.sequence_parallel is None:
-            self.sequence_parallel = init_sequence_parallel(
-                self.sequence_parallel_size, self.trainer.strategy.root_device.type, self.device_mesh
-            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[HF_CONFIG_KEY] = self.hf_config.to_dict()
-        if self.tokenizer_name is not None:
-            # the tokenizer the data was prepared with: `export` saves it beside the weights by default
-            checkpoint[TOKENIZER_KEY] = self.tokenizer_name
+        # the Hugging Face config (export rebuilds the model from it) and the data's tokenizer (saved beside it)
+        checkpoint.update(run_metadata(self.hf_config, self.tokenizer_name))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(HF_CONFIG_KEY)
@@ -292,8 +245,8 @@ class LongContextLM(pl.LightningModule):
                  for key in ours if theirs[key] != ours[key]]
         if diffs:
             raise ValueError(
-                "checkpoint from an incompatible run: its model differs from model.model "
-                f"{self.hparams.model!r} (+ model.model_overrides): " + "; ".join(diffs)
+                "checkpoint from an incompatible run: its model differs from model.llama.name_or_path "
+                f"{self.llama_settings.name_or_path!r} (+ model.llama.overrides): " + "; ".join(diffs)
             )
 
 
@@ -309,7 +262,7 @@ def check_manifest(manifest: Any, seq_len: int, vocab_size: int, model_name: str
     if max_token_id >= vocab_size or manifest.vocab_size > vocab_size:
         raise ValueError(
             f"tokenizer/model mismatch: the data was tokenized with {manifest.tokenizer!r} (vocabulary "
-            f"{manifest.vocab_size}, largest token id {max_token_id}) but model.model {model_name!r} has "
+            f"{manifest.vocab_size}, largest token id {max_token_id}) but model.llama.name_or_path {model_name!r} has "
             f"vocab_size {vocab_size}; use the tokenizer that matches the model"
         )
 

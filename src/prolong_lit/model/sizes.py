@@ -1,8 +1,8 @@
-"""Named model sizes: the one lookup table of the project (`model.model: tiny`).
+"""Named model sizes: the one lookup table of the project (`model.llama.name_or_path: tiny`).
 
 Each entry is a set of `transformers.LlamaConfig` arguments. `llama3-8b` is exactly Meta-Llama-3-8B's
 architecture (its config.json), for training from scratch or checking shapes; the recipe itself starts from a
-local Hugging Face checkpoint directory, which `model.model` also accepts.
+local Hugging Face checkpoint directory, which `model.llama.name_or_path` also accepts.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def known_sizes() -> list[str]:
-    """The size names `model.model` accepts besides a checkpoint directory."""
+    """The size names `model.llama.name_or_path` accepts besides a checkpoint directory."""
     return sorted(SIZES)
 
 
@@ -60,7 +60,7 @@ def size_config_kwargs(name: str) -> dict[str, Any]:
     """A copy of the LlamaConfig arguments of size `name`; a clear error for an unknown name."""
     if name not in SIZES:
         raise ValueError(
-            f"model.model: {name!r} is neither a known size ({', '.join(known_sizes())}) nor a local "
+            f"model.llama.name_or_path: {name!r} is neither a known size ({', '.join(known_sizes())}) nor a local "
             "Hugging Face checkpoint directory (a directory holding config.json)"
         )
     return dict(SIZES[name])

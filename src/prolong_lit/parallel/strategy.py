@@ -1,55 +1,55 @@
-"""FSDP2Strategy: Lightning's ModelParallelStrategy with an all-data-parallel ("replicate", "shard") device mesh.
+"""FSDP2Strategy: the one owner of a run's parallelism, on Lightning's ModelParallelStrategy.
 
-Lightning's ModelParallelStrategy builds a ("data_parallel", "tensor_parallel") mesh whose "auto" sizes put all
-the devices of a node into tensor parallelism (which prolong_lit does not implement). This subclass keeps all of
-its machinery (the launcher, FSDP2 set-up, distributed checkpoints that resume on any number of ranks) and builds
-the mesh LongContextLM shards over (`prolong_lit.parallel.fsdp.fsdp_mesh`):
+It keeps all of ModelParallelStrategy's machinery (the launcher, FSDP2 set-up, distributed checkpoints that resume
+on any number of ranks) and replaces its ("data_parallel", "tensor_parallel") mesh, whose "auto" sizes would put
+all devices of a node into tensor parallelism (which prolong_lit does not implement), with the run's parallel
+plan (`prolong_lit.parallel.plan`): every parallel setting is configured here, and the LightningModule and the
+DataModule read the plan from the trainer's strategy.
 
     replicate_size: 1        (1, W): FSDP, every parameter sharded over all W ranks
     replicate_size: nodes    (N, W / N): HSDP, sharded within each node, replicated across the N nodes
     replicate_size: R        (R, W / R): HSDP with R replicas of W / R ranks each
 
-Every rank reads different data either way (the data-parallel world is the whole world).
-
     trainer:
       strategy:
         class_path: prolong_lit.parallel.strategy.FSDP2Strategy
-        init_args: {replicate_size: nodes}
+        init_args: {replicate_size: nodes, sequence_parallel_size: 8, activation_checkpointing: true,
+                    param_dtype: bfloat16}
+
+Precision: `param_dtype` is the compute dtype (FSDP2 gathers the parameters in it; the sharded fp32 master
+weights and AdamW states stay fp32), so `trainer.precision` stays at its default 32-true: a `*-mixed` or `*-true`
+precision beside a `param_dtype` is refused, so that one setting says what the run computes in.
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 from typing import Any, Literal
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from typing_extensions import override
 
-from prolong_lit.parallel.fsdp import REPLICATE_DIM, SHARD_DIM
-
-log = logging.getLogger(__name__)
-
-
-def build_mesh(device_type: str, world_size: int, replicate_size: int) -> DeviceMesh:
-    """The (replicate_size, world_size / replicate_size) ("replicate", "shard") mesh over all ranks."""
-    if replicate_size < 1 or world_size % replicate_size:
-        raise ValueError(
-            f"trainer.strategy.init_args.replicate_size: {replicate_size} does not divide the world size "
-            f"{world_size} (trainer.num_nodes x trainer.devices)"
-        )
-    shape = (replicate_size, world_size // replicate_size)
-    return init_device_mesh(device_type, shape, mesh_dim_names=(REPLICATE_DIM, SHARD_DIM))
+from prolong_lit.parallel.fsdp import STRATEGY_SETTING, ShardingConfig
+from prolong_lit.parallel.plan import ParallelPlan, build_plan, check_sequence_parallel_size
 
 
 class FSDP2Strategy(ModelParallelStrategy):
-    """FSDP2 / HSDP data parallelism for LongContextLM (which shards itself in `configure_model`).
+    """FSDP2 / HSDP data parallelism, sequence parallelism, mixed precision and activation checkpointing.
 
     Args:
         replicate_size: replicas of the model: 1 shards every parameter over all ranks (FSDP); `nodes` makes one
             replica per node, sharded within the node (HSDP); an integer R makes R replicas of world/R ranks.
+        sequence_parallel_size: P, the ranks that share every row (Ulysses all-to-all attention; ProLong: 8 at
+            512K). Must divide the ranks of a replica, the row length and the attention heads; the ranks of a
+            group read the same samples, so the data-parallel size is world / P.
+        activation_checkpointing: recompute every decoder layer's forward in backward (needed at 64K and beyond).
+        param_dtype: the compute dtype: FSDP2 gathers the parameters in it for forward and backward (bfloat16:
+            the recipe's mixed precision, fp32 master weights kept sharded); null computes in fp32.
+        reduce_dtype: the dtype gradients are reduced in (float32); null: param_dtype.
+        cpu_offload: keep sharded parameters, gradients and optimizer states on the CPU.
+        reshard_after_forward: free each decoder layer's gathered parameters after its forward (less memory, one
+            more all-gather per layer in backward).
         save_distributed_checkpoint: each rank saves its shards (a directory, torch.distributed.checkpoint) and
             resumes on any number of ranks; False gathers one full checkpoint file on rank 0.
         process_group_backend: torch.distributed backend; None picks nccl on CUDA, gloo on CPU.
@@ -59,12 +59,18 @@ class FSDP2Strategy(ModelParallelStrategy):
     def __init__(
         self,
         replicate_size: int | Literal["nodes"] = 1,
+        sequence_parallel_size: int = 1,
+        activation_checkpointing: bool = False,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = "float32",
+        cpu_offload: bool = False,
+        reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
     ) -> None:
         super().__init__(
-            data_parallel_size="auto",  # unused: setup_environment builds the mesh below
+            data_parallel_size="auto",  # unused: setup_environment builds the plan's mesh instead
             tensor_parallel_size=1,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
@@ -73,23 +79,38 @@ class FSDP2Strategy(ModelParallelStrategy):
         if replicate_size != "nodes" and (isinstance(replicate_size, bool) or not isinstance(replicate_size, int)
                                           or replicate_size < 1):
             raise ValueError(
-                f"trainer.strategy.init_args.replicate_size: {replicate_size!r} is neither a positive integer nor "
-                "'nodes'"
+                f"{STRATEGY_SETTING}.replicate_size: {replicate_size!r} is neither a positive integer nor 'nodes'"
             )
+        check_sequence_parallel_size(sequence_parallel_size)
         self.replicate_size = replicate_size
+        self.sequence_parallel_size = sequence_parallel_size
+        self.activation_checkpointing = activation_checkpointing
+        self.sharding = ShardingConfig(param_dtype, reduce_dtype, cpu_offload, reshard_after_forward)
+        self.parallel_plan: ParallelPlan | None = None  # built in setup_environment, once the process group exists
 
     @override
     def setup_environment(self) -> None:
-        # ModelParallelStrategy.setup_environment, with our mesh instead of ("data_parallel", "tensor_parallel")
+        # ModelParallelStrategy.setup_environment with the plan's mesh instead of ("data_parallel", "tensor_parallel")
+        self._check_precision()
         self._setup_distributed()
         replicas = self.num_nodes if self.replicate_size == "nodes" else self.replicate_size
-        self._device_mesh = build_mesh(self.root_device.type, self.world_size, replicas)
-        log.info("device mesh %s %s", dict(zip(self._device_mesh.mesh_dim_names, self._device_mesh.shape)),
-                 "(HSDP)" if replicas > 1 else "(FSDP)")
-        assert self.lightning_module is not None
-        self.lightning_module._device_mesh = self._device_mesh  # what configure_model shards over
+        self.parallel_plan = build_plan(
+            self.root_device.type, self.global_rank, self.world_size, replicas, self.sequence_parallel_size,
+            self.sharding, self.activation_checkpointing,
+        )
+        self._device_mesh = self.parallel_plan.shard_mesh  # what Lightning's checkpointing reads, if anything
+
+    def _check_precision(self) -> None:
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        if self.sharding.param_dtype is not None and precision not in ("32-true", "32"):
+            raise ValueError(
+                f"trainer.precision ({precision}) and {STRATEGY_SETTING}.param_dtype ({self.sharding.param_dtype}) "
+                "both set the compute dtype; keep trainer.precision at 32-true (fp32 master weights) and let "
+                "param_dtype say what the run computes in"
+            )
 
     @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
+        assert self.parallel_plan is not None
+        return {"num_replicas": self.parallel_plan.data_parallel_size, "rank": self.parallel_plan.data_parallel_rank}

@@ -10,9 +10,10 @@ backward is the same exchange of the gradient (DeepSpeed-Ulysses, ProLong's `Seq
 Grouped-query attention: the kv heads are repeated the fewest times that lets P divide them (none when it already
 does), in the order transformers' `repeat_kv` uses, so every query head finds its kv head on its own rank.
 
-The three attention names of `prolong_lit.model.attention` get a sequence-parallel twin (`prolong_sp_auto`, ...).
-A twin behaves exactly like its base unless the forward passes `sequence_parallel=<SequenceParallel>` (the
-LightningModule does for a sharded micro-batch), so the same model object still generates and validates alone.
+`ulysses_attention(inner)` wraps any attention function of transformers' interface (the model registers the
+wrapped twins of its own kernels). A twin behaves exactly like its base unless the forward passes
+`sequence_parallel=<SequenceParallel>` (the model does for a sharded micro-batch whose documents cross chunk
+boundaries), so the same model object still generates and validates alone.
 """
 
 from __future__ import annotations
@@ -25,21 +26,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
-from prolong_lit.model.attention import (
-    AUTO,
-    DOCMASK,
-    VARLEN,
-    auto_attention_forward,
-    docmask_attention_forward,
-    padding_only_mask,
-    varlen_attention_forward,
-)
-
-SP_KWARG = "sequence_parallel"  # the forward keyword (and batch key) that carries the group to the attention
-SEQUENCE_PARALLEL_NAMES = {AUTO: "prolong_sp_auto", VARLEN: "prolong_sp_varlen", DOCMASK: "prolong_sp_docmask"}
+SP_KWARG = "sequence_parallel"  # the forward keyword that carries the group to the attention
+SP_SETTING = "trainer.strategy.init_args.sequence_parallel_size"  # the setting named in errors about P
 
 
 @dataclass
@@ -64,7 +53,7 @@ def kv_head_repeats(num_attention_heads: int, num_key_value_heads: int, size: in
     """
     if num_attention_heads % size or num_attention_heads % num_key_value_heads:
         raise ValueError(
-            f"model.sequence_parallel_size ({size}) must divide the number of attention heads "
+            f"{SP_SETTING} ({size}) must divide the number of attention heads "
             f"({num_attention_heads}, with {num_key_value_heads} kv heads): the all-to-all gives each rank "
             f"num_attention_heads / sequence_parallel_size whole heads"
         )
@@ -150,24 +139,3 @@ def ulysses_attention(inner: Callable[..., tuple[torch.Tensor, Any]]) -> Callabl
         return sequence_to_heads(sp.group, sp.size, out), None  # (B, L/P, H, D)
 
     return forward
-
-
-def sequence_parallel_attn_name(attn_name: str) -> str:
-    """The sequence-parallel twin of a resolved attention name; a clear error for transformers' own ones."""
-    if attn_name not in SEQUENCE_PARALLEL_NAMES:
-        raise ValueError(
-            f"model.attn_implementation: {attn_name!r} cannot run with model.sequence_parallel_size > 1; "
-            "use auto, flash or docmask"
-        )
-    return SEQUENCE_PARALLEL_NAMES[attn_name]
-
-
-def register_sequence_parallel_attention() -> None:
-    """Register the twins with transformers (idempotent; done on import)."""
-    bases = {AUTO: auto_attention_forward, VARLEN: varlen_attention_forward, DOCMASK: docmask_attention_forward}
-    for base, name in SEQUENCE_PARALLEL_NAMES.items():
-        AttentionInterface.register(name, ulysses_attention(bases[base]))
-        AttentionMaskInterface.register(name, padding_only_mask)
-
-
-register_sequence_parallel_attention()

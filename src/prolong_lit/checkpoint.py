@@ -1,21 +1,23 @@
-"""`export`: a prolong_lit checkpoint -> a Hugging Face model directory that plain transformers loads.
+"""Checkpoints of a LongContextLM run: what they hold, how to read them, and their Hugging Face export.
 
-    python -m prolong_lit export --checkpoint runs/.../last.ckpt --output exports/stage1 [--tokenizer llama3]
-        [--dtype bfloat16] [--overwrite]
-
-The checkpoint is either Lightning's single file (`*.ckpt`) or the directory Lightning's ModelParallelStrategy
+A checkpoint is either Lightning's single file (`*.ckpt`) or the directory Lightning's ModelParallelStrategy
 writes for a distributed (FSDP2) checkpoint: torch.distributed.checkpoint shards plus `meta.pt` holding the rest of
 the checkpoint. A distributed checkpoint is read in this one process without a process group: only the model's
 tensors (never the optimizer's) are allocated at their full size and filled from the shards.
 
-The output holds config.json (the trained `rope_parameters` / `max_position_embeddings`, `use_cache` on, no custom
+Besides Lightning's own entries every checkpoint holds `run_metadata` (the Hugging Face config, the tokenizer) and
+the optimizer's parameter names (`PARAM_NAMES_KEY`, written by the optimizer hand-off callback), so the readers
+here need neither Lightning nor the LightningModule: `export_hf`, the `eval` command and the hand-off all read
+checkpoints through this module.
+
+The export holds config.json (the trained `rope_parameters` / `max_position_embeddings`, `use_cache` on, no custom
 attention name), generation_config.json, safetensors weights and the tokenizer. It is written into a scratch
 directory beside the output and moved into place when complete, so a failed export leaves no half directory.
+Errors name the command-line flag to fix (`--checkpoint`, `--output`, `--tokenizer`, `--dtype`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import tempfile
@@ -25,10 +27,15 @@ from typing import Any
 
 import torch
 
+from prolong_lit.constants import DTYPES
+
 log = logging.getLogger(__name__)
 
-HF_CONFIG_KEY = "hf_config"  # = prolong_lit.model.module.HF_CONFIG_KEY (not imported: it pulls in Lightning)
-TOKENIZER_KEY = "tokenizer"  # the run's tokenizer (a directory or `llama3`), where the checkpoint records one
+# Entries a LongContextLM run adds to every checkpoint.
+HF_CONFIG_KEY = "hf_config"  # the Hugging Face config dict of the trained model
+TOKENIZER_KEY = "tokenizer"  # the run's tokenizer (a directory or `llama3`), where the run knows it
+PARAM_NAMES_KEY = "optimizer_param_names"  # [[names of param group 0], [names of group 1], ...]
+
 DCP_META_FILE = "meta.pt"  # the non-tensor part of Lightning's distributed checkpoint (fabric's _METADATA_FILENAME)
 DCP_INDEX_FILE = ".metadata"  # torch.distributed.checkpoint's index of the shards
 MODULE_PREFIX = "model."  # LongContextLM keeps the LlamaForCausalLM in `self.model`
@@ -36,8 +43,19 @@ MODULE_PREFIX = "model."  # LongContextLM keeps the LlamaForCausalLM in `self.mo
 WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 # Config keys that name an attention implementation: prolong_lit's are registered only inside prolong_lit.
 ATTN_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def run_metadata(hf_config, tokenizer_name: str | None) -> dict[str, Any]:
+    """The entries a LongContextLM writes into every checkpoint (`checkpoint.update(run_metadata(...))`): its
+    Hugging Face config, and the tokenizer its data was prepared with when known (the export's default)."""
+    entries: dict[str, Any] = {HF_CONFIG_KEY: hf_config.to_dict()}
+    if tokenizer_name is not None:
+        entries[TOKENIZER_KEY] = tokenizer_name
+    return entries
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
 
 
 def load_checkpoint_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -70,9 +88,9 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
                 f"--checkpoint: {str(path)!r} is a directory but not a distributed checkpoint (no {DCP_META_FILE} "
                 f"and {DCP_INDEX_FILE}); give a .ckpt file or the directory ModelParallelStrategy saved"
             )
-        checkpoint = _torch_load(path / DCP_META_FILE, path)
+        checkpoint = _load_or_explain(path / DCP_META_FILE, path)
     else:
-        checkpoint = _torch_load(path, path)
+        checkpoint = _load_or_explain(path, path)
     if not isinstance(checkpoint, dict) or HF_CONFIG_KEY not in checkpoint:
         raise ValueError(
             f"--checkpoint: {str(path)!r} is not a prolong_lit checkpoint (it has no {HF_CONFIG_KEY!r} entry; "
@@ -83,11 +101,18 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _torch_load(file: Path, checkpoint: Path) -> Any:
-    # weights_only=False: a Lightning checkpoint pickles its hyper-parameters; it is the user's own run's file,
-    # loaded as Lightning itself loads it. mmap: the optimizer's moments (2x the weights) are never read.
+def torch_load(file: str | Path) -> Any:
+    """A checkpoint file's content on CPU, its tensors memory-mapped (read only when used).
+
+    weights_only=False: a Lightning checkpoint pickles its hyper-parameters; it is the user's own run's file, loaded
+    as Lightning itself loads it. mmap: the optimizer's moments (2x the weights) are never read unless asked for.
+    """
+    return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _load_or_explain(file: Path, checkpoint: Path) -> Any:
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        return torch_load(file)
     except Exception as err:
         raise ValueError(f"--checkpoint: {str(checkpoint)!r} is not a readable checkpoint: {err}") from err
 
@@ -146,6 +171,71 @@ def recorded_tokenizer(checkpoint: dict[str, Any]) -> str | None:
     return None
 
 
+# ---- the Hugging Face model -----------------------------------------------------------------------------------
+
+
+def export_config(hf_config: dict[str, Any], dtype: torch.dtype):
+    """The LlamaConfig to publish: as trained (rope_parameters, max_position_embeddings), with use_cache on for
+    inference, transformers' own attention, and the export dtype."""
+    from transformers import LlamaConfig
+
+    values = {key: value for key, value in hf_config.items() if key not in ATTN_KEYS}
+    if values.get("model_type", "llama") != "llama":
+        raise ValueError(f"--checkpoint: its model is a {values['model_type']!r}, only Llama models export")
+    config = LlamaConfig.from_dict(values)
+    config.use_cache = True  # training turns it off (packed rows); generation needs it
+    config.dtype = dtype
+    return config
+
+
+def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
+    """A LlamaForCausalLM holding exactly `state_dict` (cast to `dtype`), built without a random initialisation."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    weights = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
+    result = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [name for name in result.missing_keys if not (config.tie_word_embeddings and name == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            "--checkpoint: its weights do not match its hf_config: "
+            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its inv_freq buffer was built on the meta device
+    return model.eval()
+
+
+def _add_stop_token(model, tokenizer) -> None:
+    """Generation stops at the tokenizer's eos too (Llama-3 Instruct's <|eot_id|>), as Meta's releases do."""
+    generation = model.generation_config
+    stops = generation.eos_token_id
+    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        stops.append(tokenizer.eos_token_id)
+    generation.eos_token_id = stops[0] if len(stops) == 1 else stops
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty `output_dir` without `overwrite`, and anything but a Hugging Face directory with it."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise FileExistsError(f"--output: {str(output_dir)!r} exists and is not a directory")
+    if not any(output_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"--output: {str(output_dir)!r} is not empty; pass --overwrite to replace it")
+    if not (output_dir / "config.json").is_file():
+        raise FileExistsError(
+            f"--output: {str(output_dir)!r} is not a Hugging Face model directory (no config.json); refusing to "
+            "delete it even with --overwrite; remove it yourself or choose another --output"
+        )
+
+
 def export_hf(
     checkpoint: str | Path,
     output_dir: str | Path,
@@ -196,78 +286,3 @@ def export_hf(
     log.info("exported %s (step %s, %s, rope %s, max_position_embeddings %d) to %s", checkpoint,
              meta.get("global_step"), dtype, config.rope_parameters, config.max_position_embeddings, output_dir)
     return output_dir
-
-
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty `output_dir` without `overwrite`, and anything but a Hugging Face directory with it."""
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise FileExistsError(f"--output: {str(output_dir)!r} exists and is not a directory")
-    if not any(output_dir.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(f"--output: {str(output_dir)!r} is not empty; pass --overwrite to replace it")
-    if not (output_dir / "config.json").is_file():
-        raise FileExistsError(
-            f"--output: {str(output_dir)!r} is not a Hugging Face model directory (no config.json); refusing to "
-            "delete it even with --overwrite; remove it yourself or choose another --output"
-        )
-
-
-def export_config(hf_config: dict[str, Any], dtype: torch.dtype):
-    """The LlamaConfig to publish: as trained (rope_parameters, max_position_embeddings), with use_cache on for
-    inference, transformers' own attention, and the export dtype."""
-    from transformers import LlamaConfig
-
-    values = {key: value for key, value in hf_config.items() if key not in ATTN_KEYS}
-    if values.get("model_type", "llama") != "llama":
-        raise ValueError(f"--checkpoint: its model is a {values['model_type']!r}, only Llama models export")
-    config = LlamaConfig.from_dict(values)
-    config.use_cache = True  # training turns it off (packed rows); generation needs it
-    config.dtype = dtype
-    return config
-
-
-def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype):
-    """A LlamaForCausalLM holding exactly `state_dict` (cast to `dtype`), built without a random initialisation."""
-    from transformers import LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    weights = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
-    result = model.load_state_dict(weights, strict=False, assign=True)
-    missing = [name for name in result.missing_keys if not (config.tie_word_embeddings and name == "lm_head.weight")]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            "--checkpoint: its weights do not match its hf_config: "
-            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its inv_freq buffer was built on the meta device
-    return model.eval()
-
-
-def _add_stop_token(model, tokenizer) -> None:
-    """Generation stops at the tokenizer's eos too (Llama-3 Instruct's <|eot_id|>), as Meta's releases do."""
-    generation = model.generation_config
-    stops = generation.eos_token_id
-    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(tokenizer.eos_token_id)
-    generation.eos_token_id = stops[0] if len(stops) == 1 else stops
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m prolong_lit export --checkpoint C --output DIR [--tokenizer T] [--dtype D] [--overwrite]`."""
-    parser = argparse.ArgumentParser(prog="prolong_lit export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt file or a distributed-checkpoint directory")
-    parser.add_argument("--output", required=True, help="the Hugging Face directory to write")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer directory or `llama3` (default: the one the checkpoint records)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weight dtype of the export")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing Hugging Face directory")
-    args = parser.parse_args(argv)
-    export_hf(args.checkpoint, args.output, args.tokenizer, args.dtype, args.overwrite)

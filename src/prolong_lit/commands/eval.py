@@ -5,11 +5,11 @@
         --output evals/stage1
 
 `--model` is a Hugging Face model directory (config.json + weights; loaded with AutoModelForCausalLM) or a
-LongContextLM checkpoint, a single file or a distributed-checkpoint directory (read by the export's code, with the
-Hugging Face config under "hf_config" and the weights under "model."). What to evaluate comes from, in
-increasing priority: the defaults of `LongContextEval`, the LongContextEval settings saved in the checkpoint (a run
-that had the callback), `--config` (a callbacks bundle or a run's config.yaml holding a LongContextEval entry, or a
-flat mapping of the options below), and the flags.
+LongContextLM checkpoint, a single file or a distributed-checkpoint directory (read by `prolong_lit.checkpoint`,
+as the export reads it). What to evaluate (`EvalSettings`, whose fields are the flags; `--no_cache` sets its
+use_cache to false) comes from, in increasing priority: EvalSettings' defaults, the LongContextEval settings saved
+in the checkpoint (a run that had the callback), `--config` (a callbacks bundle or a run's config.yaml holding a
+LongContextEval entry, or a flat mapping of the options below), and the flags.
 The tokenizer: `--tokenizer`, else the one those settings name, else the one the checkpoint records, else the
 model directory's own, else `llama3`.
 
@@ -20,20 +20,20 @@ load. Under `torchrun --nproc_per_node N` the ranks share the examples (gloo on 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import logging
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from prolong_lit.callbacks.long_eval import EvalSettings, check_settings
-from prolong_lit.evals import EvalResults, write_report
-from prolong_lit.export import (
-    DTYPES,
+from prolong_lit.checkpoint import (
     HF_CONFIG_KEY,
     TOKENIZER_FILES,
     build_model,
@@ -42,39 +42,66 @@ from prolong_lit.export import (
     read_checkpoint_meta,
     recorded_tokenizer,
 )
+from prolong_lit.commands import command_parser
+from prolong_lit.constants import DTYPES
+from prolong_lit.evals import EvalResults, EvalSettings, check_settings, run_evaluation, write_report
 from prolong_lit.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 CALLBACK_NAME = "LongContextEval"
 REPORT_FILES = ("eval_results.json", "eval_report.md", "score_vs_length.png")
-_SETTING_FIELDS = {f.name for f in dataclasses.fields(EvalSettings)}
+# EvalSettings' fields that are flags; use_cache is the exception: decoding without the cache is what a flag asks.
+SETTING_FLAGS = tuple(f.name for f in dataclasses.fields(EvalSettings) if f.name != "use_cache")
 # The callback's arguments that only schedule or route its evaluations: ignored here.
-_SCHEDULE_ARGS = {"every_n_steps", "eval_at_start", "eval_at_end", "output_dir", "log_images"}
+SCHEDULE_ARGS = {"every_n_steps", "eval_at_start", "eval_at_end", "output_dir", "log_images"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prolong_lit eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True,
+class EvalConfigFile(ActionConfigFile):
+    """`--config`: the evaluation options of a YAML file (`settings_from_yaml`), merged as a config file is."""
+
+    def __call__(self, parser, cfg, values, option_string=None) -> None:
+        options = settings_from_yaml(values)
+        self.apply_config(parser, cfg, self.dest, yaml.safe_dump(options))
+        cfg[self.dest][-1] = values  # the file, where the merge recorded the YAML text it was given
+
+
+def build_parser() -> ArgumentParser:
+    """The options of `eval`: the model, the output, EvalSettings' fields, and how to run the model."""
+    parser = command_parser(
+        "eval", "The long-context evaluation of a Hugging Face model or a checkpoint.", config_action=EvalConfigFile,
+        config_help=f"YAML: a callbacks bundle / run config with {CALLBACK_NAME}, or a mapping of the options below",
+    )
+    parser.add_argument("--model", type=str, required=True,
                         help="Hugging Face model directory, or a checkpoint (a file or a distributed directory)")
-    parser.add_argument("--output", required=True, help="folder for the JSON, Markdown and PNG report")
-    parser.add_argument("--config", help="YAML: a callbacks bundle / run config with LongContextEval, or a mapping")
-    parser.add_argument("--tokenizer", help="tokenizer directory or `llama3`")
-    parser.add_argument("--tasks", nargs="+", help="task names (default: the five synthetic recall tasks)")
-    parser.add_argument("--lengths", nargs="+", type=int, help="lengths in tokens (default: max_position_embeddings)")
-    parser.add_argument("--depths", nargs="+", type=float, help="needle depths in [0, 1]")
-    parser.add_argument("--samples_per_task", type=int, help="examples per synthetic task@length / HELMET items")
-    parser.add_argument("--seed", type=int, help="seed of the prompts")
-    parser.add_argument("--helmet_dir", help="HELMET's data/ folder (for the HELMET file tasks)")
-    parser.add_argument("--batch_size", type=int, help="prompts decoded together")
-    parser.add_argument("--max_new_tokens", type=int, help="cap on every task's generation length")
+    parser.add_argument("--output", type=str, required=True, help="folder for the JSON, Markdown and PNG report")
+    parser.add_argument("--tokenizer", type=str | None, default=None, help="tokenizer directory or `llama3`")
+    _add_setting_flags(parser)
     parser.add_argument("--no_cache", action="store_true", help="decode without a KV cache (benchmarks only)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --output")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    parser.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on GPU, else fp32")
-    parser.add_argument("--attn_implementation", default="sdpa", help="transformers attention for generation")
+    parser.add_argument("--attn_implementation", type=str, default="sdpa",
+                        help="transformers attention for generation")
     return parser
+
+
+def _add_setting_flags(parser: ArgumentParser) -> None:
+    """One flag per EvalSettings field, with the field's documentation. Each defaults to None, "not given", so a
+    lower-priority source (the checkpoint's saved settings, EvalSettings' defaults) fills it; lists take several
+    values (`--lengths 32768 65536`)."""
+    import docstring_parser
+
+    docs = {p.arg_name: p.description for p in docstring_parser.parse(EvalSettings.__doc__).params}
+    hints = typing.get_type_hints(EvalSettings)
+    for name in SETTING_FLAGS:
+        hint = hints[name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None -> X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if typing.get_origin(hint) is list:
+            parser.add_argument(f"--{name}", type=typing.get_args(hint)[0], nargs="+", default=None, help=docs[name])
+        else:
+            parser.add_argument(f"--{name}", type=hint | None, default=None, help=docs[name])
 
 
 # -- settings --------------------------------------------------------------------------------------------------
@@ -98,7 +125,10 @@ def _find_callback_args(node: Any) -> dict[str, Any] | None:
 
 
 def settings_from_yaml(path: str | Path) -> dict[str, Any]:
-    """The evaluation arguments a YAML file gives (a LongContextEval entry's init_args, or a flat mapping)."""
+    """The evaluation options a YAML file gives, as a flat mapping of this command's options: a LongContextEval
+    entry's init_args (its `settings` mapping flattened; entries written before `settings` existed are flat
+    already), or a flat mapping. The callback's scheduling arguments are dropped; `use_cache: false` becomes
+    `no_cache: true`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config: {path} does not exist")
@@ -107,11 +137,22 @@ def settings_from_yaml(path: str | Path) -> dict[str, Any]:
     if found is None:
         if not isinstance(tree, dict):
             raise ValueError(f"--config: {path} holds neither a {CALLBACK_NAME} entry nor a mapping of its options")
-        found = tree
-    unknown = sorted(set(found) - _SETTING_FIELDS - _SCHEDULE_ARGS - {"tokenizer"})
+        found = dict(tree)
+    nested = found.pop("settings", None) or {}
+    if not isinstance(nested, dict):
+        raise ValueError(f"--config: {path}: `settings` must be a mapping of EvalSettings' fields")
+    options = {**found, **nested}
+    if "use_cache" in options:
+        options["no_cache"] = options.pop("use_cache") is False
+    unknown = sorted(set(options) - _option_names() - SCHEDULE_ARGS)
     if unknown:
         raise ValueError(f"--config: {path} gives unknown evaluation options {unknown}")
-    return {k: v for k, v in found.items() if k not in _SCHEDULE_ARGS}
+    return {k: v for k, v in options.items() if k not in SCHEDULE_ARGS}
+
+
+@functools.cache
+def _option_names() -> set[str]:
+    return {action.dest for action in build_parser()._actions} - {"help", "config", "print_config"}
 
 
 def _checkpoint_callback_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -121,30 +162,32 @@ def _checkpoint_callback_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {**states[0]["settings"], "tokenizer": states[0].get("tokenizer")}
 
 
-def resolve_settings(args: argparse.Namespace, saved: dict[str, Any]) -> tuple[EvalSettings, str | None]:
-    """Flags over --config over the checkpoint's saved callback settings over the defaults."""
+def resolve_settings(args: Namespace, saved: dict[str, Any]) -> tuple[EvalSettings, str | None]:
+    """Flags and --config (already merged by the parser) over the checkpoint's saved callback settings over the
+    defaults; (the settings, the tokenizer they name or None)."""
     merged: dict[str, Any] = {k: v for k, v in saved.items() if v is not None}
-    if args.config:
-        merged.update({k: v for k, v in settings_from_yaml(args.config).items() if v is not None})
-    flags = {k: getattr(args, k) for k in _SETTING_FIELDS | {"tokenizer"} if getattr(args, k, None) is not None}
-    merged.update(flags)
+    merged.update({k: args[k] for k in (*SETTING_FLAGS, "tokenizer") if args[k] is not None})
     if args.no_cache:
         merged["use_cache"] = False
     tokenizer = merged.pop("tokenizer", None)
-    return EvalSettings(**{k: v for k, v in merged.items() if k in _SETTING_FIELDS}), tokenizer
+    fields = {f.name for f in dataclasses.fields(EvalSettings)}
+    try:
+        return EvalSettings(**{k: v for k, v in merged.items() if k in fields}), tokenizer
+    except ValueError as err:  # its messages start with the field's name, which is the flag's
+        raise ValueError(f"--{err}") from err
 
 
 # -- the model -------------------------------------------------------------------------------------------------
 
 
 def read_model_meta(path: Path) -> dict[str, Any] | None:
-    """The checkpoint's non-tensor content (export's reader: a file or a distributed-checkpoint directory), or
-    None for a Hugging Face directory."""
+    """The checkpoint's non-tensor content (a file or a distributed-checkpoint directory), or None for a Hugging
+    Face directory."""
     if path.is_dir() and (path / "config.json").is_file():
         return None
     try:
         return read_checkpoint_meta(path)
-    except (ValueError, FileNotFoundError) as err:  # export's messages name its own flag
+    except (ValueError, FileNotFoundError) as err:  # the reader's messages name export's flag
         raise type(err)(str(err).replace("--checkpoint:", "--model:", 1)) from err
 
 
@@ -208,7 +251,8 @@ def evaluate(argv: list[str]) -> EvalResults:
     device = _device(args.device)
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     config = model_config(model_path, meta, dtype)
-    helmet_data = check_settings(settings, tokenizer, config.vocab_size, config.max_position_embeddings, prefix="--")
+    helmet_data = check_settings(settings, tokenizer, config.vocab_size, config.max_position_embeddings,
+                                 prefix="--", tokenizer_setting="--tokenizer")
 
     own_group = world > 1 and not dist.is_initialized()
     if own_group:  # launched by torchrun: the ranks share the examples
@@ -220,7 +264,8 @@ def evaluate(argv: list[str]) -> EvalResults:
         model = load_model(model_path, meta, config, dtype, device, args.attn_implementation)
         del meta
         log.info("evaluating %s (tokenizer %s) on %s: %s", model_path, tokenizer_name, device, settings)
-        results = settings.run(model, tokenizer, config.max_position_embeddings, world > 1, helmet_data)
+        results = run_evaluation(model, tokenizer, settings, config.max_position_embeddings,
+                                 distributed=world > 1, helmet_data=helmet_data)
         if world == 1 or dist.get_rank() == 0:
             write_report(results, output, title=f"Long-context evaluation of {model_path}", overwrite=args.overwrite)
             log.info("report in %s: %s", output, ", ".join(f"{k} {v:.1f}" for k, v in results.flat().items()))

@@ -9,7 +9,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOMAINS = {"code_repos": 24, "prose": 24, "docstrings": 24}
 SEQ_LEN = 128
 MICRO_BATCH = 2
@@ -30,7 +30,7 @@ def demo_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int, stop_a
         }
     )
     if stop_at is not None:
-        others.append({"class_path": "run_helpers.StopAtStep", "init_args": {"step": stop_at}})
+        others.append({"class_path": "tests.helpers.run_helpers.StopAtStep", "init_args": {"step": stop_at}})
     trainer["callbacks"] = [checkpoint, *others]
     config["data"]["init_args"].update(
         data_dir=str(data_dir), seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, val_samples_per_domain=2

@@ -1,4 +1,6 @@
-"""Packed micro-batches built by hand, exactly as the DataModule's collate must produce them (COMMON.md contract).
+"""Packed micro-batches built by hand, exactly as the DataModule's collate must produce them.
+
+The contract (docs/batch-contract.md, Fields):
 
     input_ids int64 (B, L), labels int64 (B, L) unshifted with -100 on every document's first token and where
     loss_mask == 0, position_ids int64 (B, L) restarting at 0 per document, cu_seq_lens int32 over the

@@ -1,19 +1,18 @@
-"""The pipeline file: named phases, each an ordinary `fit` config plus overrides (see `pipeline.py`).
+"""The pipeline file: named phases, each an ordinary `fit` config plus overrides (see `run.py`).
 
     run_dir: runs/prolong-8b              # one directory per phase below it
     paths: {model: /path/to/Meta-Llama-3-8B-Instruct}   # free-form settings, for ${paths.x} interpolation
     phases:
       - name: stage1-64k
-        config: configs/prolong-8b/stage1-64k.yaml
-        overrides: {model.init_args.model: "${paths.model}"}
+        config: [configs/prolong-8b/base.yaml, configs/prolong-8b/stage1-64k.yaml]
+        overrides: {model.init_args.llama.name_or_path: "${paths.model}"}
       - name: stage2-512k
-        config: configs/prolong-8b/stage2-512k.yaml
+        config: [configs/prolong-8b/base.yaml, configs/prolong-8b/stage2-512k.yaml]
         carry_optimizer: true             # start from stage1-64k's export AND its AdamW moments
 
-The file is read with OmegaConf and its `${...}` resolved first. Each phase's fit config is then built here, not
-by LightningCLI: its files are merged in order, the overrides replace the values at their dotted keys, and only
-then are the fit config's own `${...}` resolved (so `model.init_args.seq_len: ${data.init_args.seq_len}` follows
-an overridden data length). The pipeline then points the phase at its directory and writes the result to
+The file is read with OmegaConf and its `${...}` resolved first. A phase's fit config is built by the `fit`
+parser itself (`run.phase_fit_args`): its files as repeated `--config`, then its overrides, its directory, the
+model it starts from and its callbacks as command-line arguments; the parsed result is written to
 `<run_dir>/<phase>/fit.yaml`, an ordinary config that `python -m prolong_lit fit --config` runs as it is.
 """
 
@@ -26,11 +25,9 @@ from typing import Any
 
 import yaml
 
+from prolong_lit.constants import DTYPES
+
 PREVIOUS = "previous"  # init_from's default: the phase listed before this one
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")  # = prolong_lit.export.DTYPES
-CHECKPOINT_CLASS = "ModelCheckpoint"
-FILE_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # loggers whose directory the pipeline points into the phase
-HANDOFF_CALLBACK = "prolong_lit.callbacks.optimizer_handoff.CarryOptimizerState"
 
 
 @dataclass
@@ -40,15 +37,16 @@ class PhaseConfig:
     Args:
         name: the phase's name: its directory under run_dir and its row in the summary.
         config: the fit config file(s) (LightningCLI YAML), merged in order (a later file replaces lists).
-        overrides: dotted key -> value (e.g. `trainer.max_steps: 100`); each replaces the value at its key of
-            the merged config before the config's own ${...} interpolations resolve.
+        overrides: dotted key -> value (e.g. `trainer.max_steps: 100`), given to the `fit` parser after the
+            config files as `--key=value`.
         init_from: the earlier phase whose Hugging Face export this phase's model starts from (it becomes
-            model.init_args.model); `previous` (default): the phase listed before, none for the first; null: the
-            config's own model.
+            model.init_args.llama.name_or_path); `previous` (default): the phase listed before, none for the
+            first; null: the config's own model.
         carry_optimizer: also copy the AdamW state of init_from's final checkpoint into this phase's optimizer,
             while the LR schedule and step count restart (ProLong's 64K -> 512K hand-off).
         callbacks: appended to the phase's trainer.callbacks: class_path/init_args entries, or YAML bundle files
-            holding trainer.callbacks (e.g. callbacks/long_eval.yaml). Per-phase evaluation goes here.
+            holding `trainer.callbacks` or `trainer.callbacks+` (e.g. callbacks/long_eval.yaml). Per-phase
+            evaluation goes here.
         prepare: arguments of `python -m prolong_lit prepare` (e.g. [--config, configs/data/demo.yaml]), run
             before the phase when their output_dir holds no manifest.json yet.
         export: write the Hugging Face export at the phase end (a phase that a later one starts from needs it).
@@ -133,8 +131,8 @@ def _phase(raw: Any, index: int) -> PhaseConfig:
 
 def validate(config: PipelineConfig) -> None:
     """Every cross-phase rule, checked before anything runs; errors name the setting to fix."""
-    if config.export_dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export_dtype: {config.export_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    if config.export_dtype not in DTYPES:
+        raise ValueError(f"export_dtype: {config.export_dtype!r} is not one of {', '.join(DTYPES)}")
     names = [phase.name for phase in config.phases]
     for i, phase in enumerate(config.phases):
         where = f"phases[{i}] ({phase.name})"
@@ -174,29 +172,13 @@ def init_source(config: PipelineConfig, index: int) -> str | None:
     return init_from
 
 
-# ---- building a phase's fit config ------------------------------------------------------------------------------
-
-
-def merged_fit_config(phase: PhaseConfig) -> dict[str, Any]:
-    """The phase's fit files merged, its overrides applied, then its ${...} resolved (a plain dict)."""
-    from omegaconf import OmegaConf
-
-    merged = OmegaConf.merge(*[OmegaConf.load(file) for file in phase.config])
-    for key, value in phase.overrides.items():
-        OmegaConf.update(merged, key, value, merge=False, force_add=True)
-    try:
-        return OmegaConf.to_container(merged, resolve=True)
-    except Exception as err:
-        raise ValueError(f"phase {phase.name!r}: its fit config does not resolve: {err}") from err
-
-
 def callback_entries(phase: PhaseConfig) -> list[dict[str, Any]]:
-    """The phase's extra callbacks: entries as given, bundle files expanded to their trainer.callbacks."""
+    """The phase's extra callbacks: entries as given, bundle files expanded to the entries they list."""
     entries = []
     for entry in phase.callbacks:
         if isinstance(entry, str):
-            bundle = yaml.safe_load(Path(entry).read_text()) or {}
-            listed = (bundle.get("trainer") or {}).get("callbacks")
+            trainer = (yaml.safe_load(Path(entry).read_text()) or {}).get("trainer") or {}
+            listed = trainer.get("callbacks", trainer.get("callbacks+"))
             if not isinstance(listed, list):
                 raise ValueError(f"phase {phase.name!r}.callbacks: {entry!r} holds no trainer.callbacks list")
             entries.extend(listed)
@@ -205,57 +187,11 @@ def callback_entries(phase: PhaseConfig) -> list[dict[str, Any]]:
     return entries
 
 
-def phase_fit_config(
-    phase: PhaseConfig, phase_dir: Path, init_model: str | None, carry_checkpoint: str | None
-) -> dict[str, Any]:
-    """The complete fit config of a phase: merged and overridden, then pointed at `phase_dir` (checkpoints,
-    logs), started from `init_model` (an export directory) if given, with the hand-off callback (which records
-    parameter names in every phase, and carries `carry_checkpoint`'s optimizer state if given) and the phase's
-    extra callbacks."""
-    config = merged_fit_config(phase)
-    trainer = config.setdefault("trainer", {}) or {}
-    config["trainer"] = trainer
-    trainer["default_root_dir"] = str(phase_dir)
-    if init_model is not None:
-        model = config.get("model")
-        if not isinstance(model, dict) or "init_args" not in model:
-            raise ValueError(f"phase {phase.name!r}: its fit config has no model.init_args to set `model` in")
-        model["init_args"]["model"] = init_model
-    _point_loggers(trainer, phase_dir, phase.name)
-    callbacks = list(trainer.get("callbacks") or [])
-    checkpoints = [c for c in callbacks if isinstance(c, dict) and _is_class(c, CHECKPOINT_CLASS)]
-    if len(checkpoints) != 1:
-        raise ValueError(
-            f"phase {phase.name!r}: trainer.callbacks holds {len(checkpoints)} ModelCheckpoint callbacks; the pipeline "
-            "needs exactly one (it resumes an interrupted phase from its last.ckpt)"
-        )
-    args = checkpoints[0].setdefault("init_args", {}) or {}
-    checkpoints[0]["init_args"] = args
-    args.update(dirpath=str(phase_dir / "checkpoints"), save_last=True)
-    callbacks.append({"class_path": HANDOFF_CALLBACK, "init_args": {"checkpoint": carry_checkpoint}})
-    callbacks.extend(callback_entries(phase))
-    trainer["callbacks"] = callbacks
-    return config
-
-
-def _is_class(entry: dict[str, Any], name: str) -> bool:
-    return str(entry.get("class_path", "")).rsplit(".", 1)[-1] == name
-
-
-def _point_loggers(trainer: dict[str, Any], phase_dir: Path, name: str) -> None:
-    """TensorBoard/CSV loggers write into `<phase_dir>/logs` (version fixed, so a resume appends there)."""
-    loggers = trainer.get("logger")
-    for entry in loggers if isinstance(loggers, list) else [loggers]:
-        if isinstance(entry, dict) and any(_is_class(entry, cls) for cls in FILE_LOGGERS):
-            entry.setdefault("init_args", {})
-            entry["init_args"].update(save_dir=str(phase_dir.parent), name=name, version="logs")
-
-
-def write_yaml(data: dict[str, Any], path: Path) -> None:
-    """Write `data` as YAML atomically (every rank of a multi-process run may write the same file)."""
+def write_yaml_text(text: str, path: Path) -> None:
+    """Write `text` atomically (every rank of a multi-process run may write the same file)."""
     import os
 
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.{os.getpid()}")
-    scratch.write_text(yaml.safe_dump(data, sort_keys=False))
+    scratch.write_text(text)
     os.replace(scratch, path)

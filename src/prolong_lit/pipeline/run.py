@@ -2,8 +2,9 @@
 
     python -m prolong_lit pipeline --config configs/demo/pipeline.yaml [--run_dir DIR]
 
-Each phase is an ordinary `fit` (see `pipeline_config.py` for the file): its complete config is written to
-`<run_dir>/<phase>/fit.yaml` and run in this process by the same LightningCLI as `fit`. A phase that starts from
+Each phase is an ordinary `fit` (see `config.py` for the file): the `fit` parser builds its complete config
+(`phase_fit_args`), which is written to `<run_dir>/<phase>/fit.yaml` and run in this process by the same
+LightningCLI as `fit`. A phase that starts from
 an earlier one gets that phase's Hugging Face export as its model; with `carry_optimizer` it also gets that
 phase's AdamW moments while its LR schedule and step count restart (`callbacks/optimizer_handoff.py`). At the
 end of a phase: its final checkpoint (`checkpoints/final.ckpt`, saved whatever the checkpoint interval), its
@@ -19,7 +20,6 @@ fit configs are written by global rank 0, and ranks meet at a barrier after each
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import json
@@ -32,14 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prolong_lit.pipeline_config import (
-    PhaseConfig,
-    PipelineConfig,
-    init_source,
-    load_pipeline_config,
-    phase_fit_config,
-    write_yaml,
-)
+from prolong_lit.callbacks.optimizer_handoff import CarryOptimizerState
+from prolong_lit.pipeline.config import PhaseConfig, PipelineConfig, callback_entries, init_source, write_yaml_text
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +96,15 @@ def read_marker(directory: Path) -> PhaseResult | None:
 def run_pipeline(config: PipelineConfig) -> list[PhaseResult]:
     """Run (or skip, or resume) every phase in order; returns one result per phase and writes the summary."""
     finished_before = [read_marker(phase_dir(config, phase.name)) for phase in config.phases]
-    fit_configs = [build_phase_config(config, i) for i in range(len(config.phases))]
-    for i, finished in enumerate(finished_before):  # a bad phase config fails before the first phase trains
-        if finished is None:
-            check_phase_parses(config, i, fit_configs[i])
+    # every unfinished phase's config is parsed (and checked) before the first phase trains
+    fit_configs = [None if finished else parse_phase(config, i) for i, finished in enumerate(finished_before)]
     results = []
     for i, phase in enumerate(config.phases):
         directory = phase_dir(config, phase.name)
         fit_config = fit_configs[i]
-        digest = hashlib.sha256(json.dumps(fit_config, sort_keys=True).encode()).hexdigest()[:16]
         finished = finished_before[i]
         if finished is not None:
-            if finished.config_digest != digest:
+            if finished.config_digest != config_digest(parse_phase(config, i)):
                 log.warning("phase %s finished earlier with a different config; keeping it (delete %s to rerun it)",
                             phase.name, directory)
             log.info("phase %s: finished earlier, skipped", phase.name)
@@ -121,23 +112,51 @@ def run_pipeline(config: PipelineConfig) -> list[PhaseResult]:
             results.append(finished)
             continue
         check_inputs(config, i)
-        results.append(run_phase(config, phase, directory, fit_config, digest))
+        results.append(run_phase(config, phase, directory, fit_config))
         barrier()  # the next phase reads this one's export
     if is_rank_zero():
         write_summary(Path(config.run_dir), results)
     return results
 
 
-def build_phase_config(config: PipelineConfig, index: int) -> dict[str, Any]:
-    """Phase `index`'s complete fit config (the earlier phase's export and final checkpoint filled in)."""
+def phase_fit_args(config: PipelineConfig, index: int) -> list[str]:
+    """The `fit` arguments of phase `index`: its config files, its overrides, then the pipeline's settings of the
+    phase (its root directory, the export it starts from, the optimizer state it carries, its callbacks)."""
     phase = config.phases[index]
+    args = [f"--config={file}" for file in phase.config]
+    args += [f"--{key}={json.dumps(value)}" for key, value in phase.overrides.items()]
+    args.append(f"--trainer.default_root_dir={phase_dir(config, phase.name)}")
     source = init_source(config, index)
-    init_model = carry = None
+    carry = None
     if source is not None:
-        init_model = str(phase_dir(config, source) / EXPORT_DIR)
+        args.append(f"--model.init_args.llama.name_or_path={phase_dir(config, source) / EXPORT_DIR}")
         if phase.carry_optimizer:
             carry = str(phase_dir(config, source) / "checkpoints" / FINAL_CHECKPOINT)
-    return phase_fit_config(phase, phase_dir(config, phase.name), init_model, carry)
+    # every phase records its optimizer's parameter names, so that a later phase can carry its moments
+    handoff = {"class_path": f"{CarryOptimizerState.__module__}.{CarryOptimizerState.__qualname__}",
+               "init_args": {"checkpoint": carry}}
+    args += [f"--trainer.callbacks+={json.dumps(entry)}" for entry in (handoff, *callback_entries(phase))]
+    return args
+
+
+def parse_phase(config: PipelineConfig, index: int) -> str:
+    """Phase `index`'s complete fit config as YAML, parsed and checked by the `fit` parser (nothing is built);
+    a clear error naming the phase if it does not parse."""
+    from prolong_lit.cli import ProLongCLI
+
+    phase = config.phases[index]
+    try:
+        return ProLongCLI(args=phase_fit_args(config, index), parse_only=True).dump_config()
+    except Exception as err:  # jsonargparse's ArgumentError / ValueError name the bad key
+        message = str(err).strip().splitlines()
+        raise ValueError(
+            f"phases[{index}] ({phase.name}): its fit config does not parse (config {phase.config} + overrides): "
+            + " ".join(line.strip() for line in message[:3])
+        ) from err
+
+
+def config_digest(fit_config: str) -> str:
+    return hashlib.sha256(fit_config.encode()).hexdigest()[:16]
 
 
 def check_inputs(config: PipelineConfig, index: int) -> None:
@@ -162,40 +181,14 @@ def check_inputs(config: PipelineConfig, index: int) -> None:
         saved_state_shapes(checkpoint)  # raises if it holds no usable optimizer state
 
 
-def check_phase_parses(config: PipelineConfig, index: int, fit_config: dict[str, Any]) -> None:
-    """Parse (not instantiate) phase `index`'s fit config with the `fit` parser; a clear error if it fails."""
-    import contextlib
-    import io
-    import tempfile
-
-    from prolong_lit.cli import ProLongCLI
-
-    phase = config.phases[index]
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / FIT_CONFIG
-        write_yaml(fit_config, path)
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                ProLongCLI(args=["fit", "--config", str(path), "--print_config"])
-                code = 0
-            except SystemExit as exit_info:
-                code = exit_info.code
-    if code not in (0, None):
-        lines = [line for line in err.getvalue().splitlines() if line.strip()]
-        raise ValueError(
-            f"phases[{index}] ({phase.name}): its fit config does not parse (config {phase.config} + overrides): "
-            + (lines[-1] if lines else f"exit code {code}")
-        )
-
-
 def prepare_data(phase: PhaseConfig) -> None:
     """Run the phase's `prepare` arguments unless their output_dir already holds prepared data (rank 0 only:
     the other ranks wait in the process-group set-up of the phase's fit)."""
     if not phase.prepare or not is_rank_zero():
         return
+    from prolong_lit.commands.prepare import parse_config
     from prolong_lit.data.format import MANIFEST_NAME
-    from prolong_lit.data.prepare import parse_config, prepare
+    from prolong_lit.data.prepare import prepare
 
     data_config, overwrite = parse_config([str(arg) for arg in phase.prepare])
     if (Path(data_config.output_dir) / MANIFEST_NAME).is_file() and not overwrite:
@@ -225,9 +218,7 @@ def _modified(path: Path) -> float:
     return path.stat().st_mtime
 
 
-def run_phase(
-    config: PipelineConfig, phase: PhaseConfig, directory: Path, fit_config: dict[str, Any], digest: str
-) -> PhaseResult:
+def run_phase(config: PipelineConfig, phase: PhaseConfig, directory: Path, fit_config: str) -> PhaseResult:
     """Train (or resume) one phase, then save its final checkpoint, export it and write its marker."""
     started = time.perf_counter()
     final = directory / "checkpoints" / FINAL_CHECKPOINT
@@ -239,29 +230,27 @@ def run_phase(
     else:
         prepare_data(phase)
         fit_path = directory / FIT_CONFIG
-        write_yaml(fit_config, fit_path)
-        args = ["fit", "--config", str(fit_path)]
+        write_yaml_text(fit_config, fit_path)
         if last is not None:
-            args += ["--ckpt_path", str(last)]
             actions.append("resumed")
             log.info("phase %s: resuming from %s", phase.name, last)
         else:
             actions.append("trained")
             log.info("phase %s: training (%s)", phase.name, fit_path)
-        steps, tokens, metrics = _fit(phase, args, final)
+        steps, tokens, metrics = _fit(phase, fit_path, directory, last, final)
         if is_rank_zero():  # what only the trainer knew, kept in case the export below is interrupted
             write_json({"steps": steps, "tokens": tokens, "metrics": metrics}, directory / FIT_STATS)
     export = None
     if phase.export:
         export = directory / EXPORT_DIR
         if is_rank_zero():
-            from prolong_lit.export import export_hf
+            from prolong_lit.checkpoint import export_hf
 
             export_hf(final, export, dtype=config.export_dtype, overwrite=True)
             actions.append("exported")
     result = PhaseResult(
         name=phase.name, steps=steps, tokens=tokens, metrics=metrics, export=None if export is None else str(export),
-        checkpoint=str(final), config_digest=digest, seconds=round(time.perf_counter() - started, 1),
+        checkpoint=str(final), config_digest=config_digest(fit_config), seconds=round(time.perf_counter() - started, 1),
         actions=actions,
     )
     if is_rank_zero():
@@ -270,12 +259,16 @@ def run_phase(
     return result
 
 
-def _fit(phase: PhaseConfig, args: list[str], final: Path) -> tuple[int, int | None, dict[str, float]]:
-    """Run `fit` in this process; save the final checkpoint; return (steps, tokens, final metrics)."""
+def _fit(phase: PhaseConfig, fit_path: Path, directory: Path, resume: Path | None,
+         final: Path) -> tuple[int, int | None, dict[str, float]]:
+    """Run `fit --config fit_path [--ckpt_path resume]` in this process; save the final checkpoint; return
+    (steps, tokens, final metrics)."""
     from prolong_lit.cli import ProLongCLI
 
-    cli = ProLongCLI(args=args)
+    cli = ProLongCLI(args=["--config", str(fit_path)], run=False)
     trainer = cli.trainer
+    _check_resumable(phase, trainer, directory / "checkpoints")
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=None if resume is None else str(resume))
     if trainer.interrupted or trainer.global_step < trainer.max_steps:
         raise PhaseIncomplete(
             f"phase {phase.name!r} stopped at step {trainer.global_step} of {trainer.max_steps}; run the same "
@@ -294,6 +287,19 @@ def _fit(phase: PhaseConfig, args: list[str], final: Path) -> tuple[int, int | N
     del cli, trainer, datamodule
     gc.collect()
     return steps, tokens, metrics
+
+
+def _check_resumable(phase: PhaseConfig, trainer, checkpoints: Path) -> None:
+    """An interrupted phase resumes from `<phase>/checkpoints/last.ckpt`: its trainer needs one ModelCheckpoint,
+    writing there, with save_last."""
+    saving = trainer.checkpoint_callbacks
+    if len(saving) != 1 or Path(saving[0].dirpath) != checkpoints.resolve() or not saving[0].save_last:
+        raise ValueError(
+            f"phase {phase.name!r}: the pipeline resumes an interrupted phase from {checkpoints / LAST_CHECKPOINT}; "
+            "its trainer.callbacks need exactly one ModelCheckpoint with save_last: true and no dirpath (it then "
+            f"follows trainer.default_root_dir); found {len(saving)}"
+            + (f" writing to {saving[0].dirpath} (save_last {saving[0].save_last})" if saving else "")
+        )
 
 
 def _saved_fit_stats(directory: Path) -> tuple[int, int | None, dict[str, float]]:
@@ -346,12 +352,3 @@ def write_summary(run_dir: Path, results: list[PhaseResult]) -> None:
     (run_dir / "summary.md").write_text(table)
     write_json({"phases": [r.__dict__ for r in results]}, run_dir / "summary.json")
     log.info("pipeline summary (%s):\n%s", run_dir / "summary.md", table)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m prolong_lit pipeline --config PIPELINE.yaml [--run_dir DIR]`."""
-    parser = argparse.ArgumentParser(prog="prolong_lit pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the pipeline file (run_dir, phases)")
-    parser.add_argument("--run_dir", default=None, help="replaces the file's run_dir")
-    args = parser.parse_args(argv)
-    run_pipeline(load_pipeline_config(args.config, run_dir=args.run_dir))

@@ -1,0 +1,34 @@
+"""`python -m prolong_lit pipeline`: run a pipeline file's phases in order (finished phases are skipped).
+
+    python -m prolong_lit pipeline --config configs/demo/pipeline.yaml [--run_dir DIR]
+
+`--config` is the pipeline file itself (run_dir, paths, phases; see prolong_lit.pipeline.config). The work is
+`prolong_lit.pipeline.run.run_pipeline`.
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str]) -> None:
+    """Parse, load and check the pipeline file, then run it (`--print_config` prints it as loaded instead)."""
+    import json
+    from dataclasses import asdict
+
+    from prolong_lit.pipeline.config import load_pipeline_config
+
+    from jsonargparse import ArgumentParser
+
+    # --config names the pipeline file itself (its own schema, loaded and checked by load_pipeline_config)
+    parser = ArgumentParser(prog="python -m prolong_lit pipeline",
+                            description="Run a pipeline file's phases in order; finished phases are skipped.")
+    parser.add_argument("--config", type=str, required=True, help="the pipeline file (run_dir, paths, phases)")
+    parser.add_argument("--run_dir", type=str | None, default=None, help="replaces the file's run_dir")
+    parser.add_argument("--print_config", action="store_true", help="print the pipeline as loaded and exit")
+    args = parser.parse_args(argv)
+    config = load_pipeline_config(args.config, run_dir=args.run_dir)
+    if args.print_config:
+        print(json.dumps(asdict(config), indent=2))  # noqa: T201 - the command's output
+        return
+    from prolong_lit.pipeline.run import run_pipeline
+
+    run_pipeline(config)

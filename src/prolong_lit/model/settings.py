@@ -1,0 +1,71 @@
+"""LongContextLM's grouped settings: which Llama (and its RoPE), and which kernels run it.
+
+In YAML each group is a mapping under `model.init_args` (`fit --help` lists every field with its line below):
+
+    model:
+      class_path: prolong_lit.model.module.LongContextLM
+      init_args:
+        llama: {name_or_path: /path/to/Meta-Llama-3-8B-Instruct, rope_theta: 8.0e+6, max_position_embeddings: 65536}
+        kernels: {attn_implementation: auto, loss_chunk_size: 2048}
+
+Parallelism (sharding, sequence parallelism, mixed precision, activation checkpointing) is not here: the
+strategy owns it (`prolong_lit.parallel.strategy.FSDP2Strategy`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prolong_lit.model.attention import ATTN_IMPLEMENTATIONS, DEFAULT_DOCMASK_BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class LlamaSettings:
+    """The Llama a run trains: where it starts from and its RoPE / length overrides.
+
+    Args:
+        name_or_path: what the run starts from: a local Hugging Face checkpoint directory whose weights load as
+            they are (the recipe: Llama-3-8B-Instruct, then each phase's export), or a named size for a fresh
+            model (`tiny` for the demo and tests, `llama3-8b`).
+        overrides: other LlamaConfig fields to change, e.g. {num_hidden_layers: 4}.
+        rope_theta: RoPE base written into the config (ProLong: 8e6 at 64K, 1.28e8 at 512K); None keeps it.
+        rope_scaling: RoPE scaling dict (`rope_type` plus its fields) replacing the checkpoint's; None keeps it,
+            {rope_type: default} removes it (ProLong uses none).
+        max_position_embeddings: written into the config; must be >= model.seq_len. None keeps the
+            model's.
+    """
+
+    name_or_path: str = "tiny"
+    overrides: dict[str, Any] | None = None
+    rope_theta: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """Which kernels run the attention and the loss.
+
+    Args:
+        attn_implementation: auto (FlashAttention-2 varlen on CUDA with flash-attn, exact document-masked SDPA
+            otherwise), flash, docmask, or transformers' sdpa/eager (a dense L x L packed mask; comparisons only).
+        docmask_block_size: queries per SDPA call in the document-masked attention (memory ~ block x document
+            length).
+        loss_chunk_size: tokens per chunk of the LM head + cross-entropy (the full logits never exist; ProLong's
+            LOGIT_BLOCK_SIZE=2048).
+    """
+
+    attn_implementation: str = "auto"
+    docmask_block_size: int = DEFAULT_DOCMASK_BLOCK_SIZE
+    loss_chunk_size: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"model.kernels.attn_implementation: {self.attn_implementation!r} is unknown; choose one "
+                f"of {', '.join(ATTN_IMPLEMENTATIONS)}"
+            )
+        for name in ("docmask_block_size", "loss_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.kernels.{name} must be >= 1, got {getattr(self, name)}")

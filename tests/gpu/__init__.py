@@ -1,0 +1,1 @@
+"""GPU tests (a package so its modules get unique names: tests.gpu.test_x)."""
