@@ -36,7 +36,8 @@ def build_step(variant: str, tokens: int, vocab_size: int, hidden_size: int, doc
     """Inputs of the loss and one loss + backward as a callable (run by common.py)."""
     import torch
 
-    from prolong_lit.model.loss import IGNORE_INDEX, chunked_cross_entropy_sum
+    from prolong_lit.constants import IGNORE_INDEX
+    from prolong_lit.model.loss import chunked_cross_entropy_sum
 
     torch.manual_seed(0)
     hidden = torch.randn(1, tokens, hidden_size, requires_grad=True)  # (1, N, d)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=64,
                         help="LM head input width (tiny: 64; it only changes the head's weight and gradient)")
     parser.add_argument("--docs", type=int, default=8, help="documents per row (their first tokens carry no loss)")
-    parser.add_argument("--chunk", type=int, default=2048, help="model.loss_chunk_size")
+    parser.add_argument("--chunk", type=int, default=2048, help="model.kernels.loss_chunk_size")
     parser.add_argument("--repeats", type=int, default=1, help="measurements per configuration (interleaved)")
     args = common_args(parser).parse_args(argv)
     setup_env(args.threads)

@@ -116,7 +116,8 @@ def report(title: str, table: str, notes: Sequence[str] = ()) -> None:
 
 
 def small_llama_overrides(vocab_size: int, hidden_size: int, layers: int) -> dict[str, Any]:
-    """`model_overrides` of the `tiny` size (4 query heads, 2 kv heads) at another width, depth and vocabulary."""
+    """LlamaSettings `overrides` of the `tiny` size (4 query heads, 2 kv heads) at another width, depth and
+    vocabulary."""
     overrides: dict[str, Any] = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -128,6 +129,25 @@ def small_llama_overrides(vocab_size: int, hidden_size: int, layers: int) -> dic
     if vocab_size <= 128_001:  # Llama-3's BOS/EOS ids would fall outside a cut vocabulary
         overrides.update(bos_token_id=1, eos_token_id=2)
     return overrides
+
+
+def module_from_config(model: dict[str, Any], seq_len: int) -> Any:
+    """The LongContextLM of a config's `model.init_args` (YAML as loaded: the settings groups as mappings, the
+    optimizer and scheduler as class_path/init_args entries), built as the CLI builds it; `seq_len` is the
+    data's (the CLI links data.init_args.seq_len to the model)."""
+    from functools import partial
+
+    from prolong_lit.model.module import LongContextLM
+    from prolong_lit.model.settings import KernelSettings, LlamaSettings
+
+    factories = {}
+    for key in ("optimizer", "scheduler"):
+        if model.get(key):
+            module_name, _, name = model[key]["class_path"].rpartition(".")
+            component = getattr(importlib.import_module(module_name), name)
+            factories[key] = partial(component, **(model[key].get("init_args") or {}))
+    return LongContextLM(llama=LlamaSettings(**(model.get("llama") or {})), seq_len=seq_len,
+                         kernels=KernelSettings(**(model.get("kernels") or {})), **factories)
 
 
 # -- timing ----------------------------------------------------------------------------------------------------
@@ -188,24 +208,24 @@ class StepClock:
         return {"wall": units_per_step / per_step(self.wall), "cpu": units_per_step / per_step(self.cpu)}
 
 
-def hand_written_fit(module: Any, batches: Sequence[dict], total_steps: int, grad_clip: float | None,
+def hand_written_fit(module: Any, batches: Sequence[Any], total_steps: int, grad_clip: float | None,
                      warmup: int) -> StepClock:
     """The training step `Trainer.fit` runs, written by hand: the baseline of the trainer-overhead and data
-    benchmarks. `module` is a LongContextLM; forward + loss, backward, clip, AdamW and schedule step per batch,
-    with the optimizer and schedule the module configures (over `total_steps`)."""
+    benchmarks. `module` is a LongContextLM, `batches` PackedBatches; forward + loss, backward, clip, optimizer
+    and schedule step per batch, with the optimizer and schedule the module configures (as its
+    `configure_optimizers` does, over `total_steps`)."""
     import torch
 
-    from prolong_lit.model.schedule import build_optimizer
+    from prolong_lit.model.optim import param_groups
 
     module.configure_model()
     module.train()
-    hp = module.hparams
-    optimizer, scheduler = build_optimizer(module.model, hp.lr, hp.betas, hp.weight_decay, hp.eps, total_steps,
-                                           hp.warmup_ratio, hp.warmup_steps, hp.min_lr_ratio)
+    optimizer = module.optimizer_factory(param_groups(module.model.named_parameters()))
+    scheduler = module.scheduler_factory(optimizer, total_steps)
     clock = StepClock(warmup)
     for batch in batches:
         loss_sum, _ = module.compute_loss_sum(batch)
-        (loss_sum / batch["step_loss_tokens"].clamp(min=1)).backward()
+        (loss_sum / batch.step_loss_tokens.clamp(min=1)).backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip or float("inf"))
         optimizer.step()
         scheduler.step()

@@ -35,6 +35,7 @@ from common import (
     interleaved,
     markdown_table,
     median,
+    module_from_config,
     report,
     setup_env,
     spread,
@@ -48,14 +49,12 @@ DEMO_DATA = REPO / "configs" / "data" / "demo.yaml"
 
 
 def demo_settings() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(data init_args, model init_args, trainer settings) of the demo config, interpolations resolved."""
+    """(data init_args, model init_args, trainer settings) of the demo config, as the file writes them (the
+    model's seq_len is the data's: the module reads it from the DataModule at set-up)."""
     import yaml
 
     config = yaml.safe_load(DEMO_TRAIN.read_text())
-    data = dict(config["data"]["init_args"])
-    model = dict(config["model"]["init_args"])
-    model["seq_len"] = data["seq_len"]  # `${data.init_args.seq_len}` in the file
-    return data, model, config["trainer"]
+    return dict(config["data"]["init_args"]), dict(config["model"]["init_args"]), config["trainer"]
 
 
 def ensure_demo_data(data_dir: Path) -> None:
@@ -88,15 +87,13 @@ def delivered(data_dir: Path, data: dict[str, Any], num_workers: int, batches: i
     return batches * module.micro_batch_size / seconds
 
 
-def consumed(model_args: dict[str, Any], trainer: dict[str, Any], batches: list[dict], warmup: int,
+def consumed(model_args: dict[str, Any], seq_len: int, trainer: dict[str, Any], batches: list, warmup: int,
              micro_batch: int) -> float:
     """Samples/s of the demo model's training steps on pre-fetched micro-batches."""
     import torch
 
-    from prolong_lit.model.module import LongContextLM
-
     torch.manual_seed(0)
-    module = LongContextLM(**model_args)
+    module = module_from_config(model_args, seq_len)
     clock = hand_written_fit(module, batches, trainer["max_steps"], trainer.get("gradient_clip_val"), warmup)
     return clock.rates(micro_batch)["wall"]
 
@@ -123,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                                    args.loader_batches)}
         if workers != 0:
             variants["DataModule, in-process (0 workers)"] = lambda: delivered(data_dir, data, 0, args.loader_batches)
-        variants["demo model training"] = lambda: consumed(model_args, trainer, batches, args.warmup,
-                                                           data["micro_batch_size"])
+        variants["demo model training"] = lambda: consumed(model_args, data["seq_len"], trainer, batches,
+                                                           args.warmup, data["micro_batch_size"])
         results = interleaved(variants, args.repeats)
 
     model = results["demo model training"]
@@ -138,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             verdicts.append(f"{name}: {median(ratios):,.0f}x {'met' if median(ratios) >= RATIO_TARGET else 'NOT met'}")
     notes = [
         f"demo settings: seq_len {data['seq_len']}, micro-batch {data['micro_batch_size']}, weights {data['weights']}, "
-        f"model {model_args['model']}; loader: {args.loader_batches} micro-batches after the first; model: "
-        f"{args.warmup} warm-up + {args.steps} timed steps; {args.repeats} interleaved repetitions",
+        f"model {model_args['llama']['name_or_path']}; loader: {args.loader_batches} micro-batches after the first; "
+        f"model: {args.warmup} warm-up + {args.steps} timed steps; {args.repeats} interleaved repetitions",
         "ratio: median over repetitions of delivered / consumed samples/s of the same repetition",
         f"target: delivered >= {RATIO_TARGET:.0f}x consumed -- " + "; ".join(verdicts),
     ]

@@ -35,6 +35,7 @@ from prolong_lit.evals import (  # noqa: E402
     stop_token_ids,
 )
 from prolong_lit.model.module import LongContextLM  # noqa: E402
+from prolong_lit.model.settings import LlamaSettings  # noqa: E402
 from prolong_lit.tokenizer import load_tokenizer  # noqa: E402
 
 log = logging.getLogger("eval_cost")
@@ -42,7 +43,7 @@ log = logging.getLogger("eval_cost")
 
 def demo_model() -> torch.nn.Module:
     """The demo config's model, built exactly as the LightningModule builds it (attention `auto`)."""
-    module = LongContextLM(model="tiny", rope_theta=8.0e6, seq_len=2048)
+    module = LongContextLM(llama=LlamaSettings(name_or_path="tiny", rope_theta=8.0e6), seq_len=2048)
     module.configure_model()
     return module.model.eval()
 

@@ -42,9 +42,9 @@ ATTENTION = {"ours": "docmask", "sdpa": "sdpa"}
 GROWTH_TARGET = 2.3
 
 
-def packed_batch(tokens: int, docs: int, vocab_size: int, seed: int = 0) -> dict[str, Any]:
+def packed_batch(tokens: int, docs: int, vocab_size: int, seed: int = 0) -> Any:
     """One row of `tokens` tokens holding `docs` documents (equal lengths, the remainder in the last), collated
-    by the project's own collate."""
+    by the project's own collate (a PackedBatch)."""
     import numpy as np
 
     from prolong_lit.data.collate import collate_samples
@@ -65,12 +65,15 @@ def build_step(variant: str, tokens: int, docs: int, vocab_size: int, hidden_siz
 
     from prolong_lit.model.loss import chunked_cross_entropy_sum
     from prolong_lit.model.module import LongContextLM
+    from prolong_lit.model.settings import KernelSettings, LlamaSettings
 
     torch.manual_seed(0)
     module = LongContextLM(
-        model="tiny", model_overrides=small_llama_overrides(vocab_size, hidden_size, layers), seq_len=tokens,
-        max_position_embeddings=tokens, attn_implementation=ATTENTION[variant], docmask_block_size=block_size,
-        loss_chunk_size=loss_chunk,
+        llama=LlamaSettings(name_or_path="tiny", overrides=small_llama_overrides(vocab_size, hidden_size, layers),
+                            max_position_embeddings=tokens),
+        seq_len=tokens,
+        kernels=KernelSettings(attn_implementation=ATTENTION[variant], docmask_block_size=block_size,
+                               loss_chunk_size=loss_chunk),
     )
     module.configure_model()
     module.train()
@@ -81,9 +84,9 @@ def build_step(variant: str, tokens: int, docs: int, vocab_size: int, hidden_siz
             loss_sum, count = module.compute_loss_sum(batch)
         else:  # transformers' own packed path: it derives the dense document mask from position_ids
             hidden = module.model.model(
-                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+                input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False
             ).last_hidden_state  # (B, L, d)
-            loss_sum, count = chunked_cross_entropy_sum(hidden, batch["labels"], module.model.lm_head, loss_chunk)
+            loss_sum, count = chunked_cross_entropy_sum(hidden, batch.labels, module.model.lm_head, loss_chunk)
         (loss_sum / count).backward()
 
     return step
@@ -102,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=2048, help="vocabulary (Llama-3: 128256)")
     parser.add_argument("--hidden-size", type=int, default=64, help="model width (tiny: 64)")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers (tiny: 2)")
-    parser.add_argument("--block-size", type=int, default=1024, help="model.docmask_block_size")
-    parser.add_argument("--loss-chunk", type=int, default=2048, help="model.loss_chunk_size")
+    parser.add_argument("--block-size", type=int, default=1024, help="model.kernels.docmask_block_size")
+    parser.add_argument("--loss-chunk", type=int, default=2048, help="model.kernels.loss_chunk_size")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=1,
                         help="measurements per configuration (interleaved); the tensor accounting is deterministic")

@@ -1,6 +1,7 @@
 """Sequence parallelism (Ulysses) on CPU: step time and the bytes the all-to-all exchanges move, P = 1, 2, 4.
 
-P gloo processes share one packed row (the ranks of one sequence-parallel group, no data parallelism). Each
+P gloo processes share one packed row (the ranks of one sequence-parallel group, no data parallelism), the module
+laid out by a parallel plan built from the process group (`build_plan`, unsharded). Each
 timed step is what LongContextLM's training step does on a rank: cut the micro-batch (`shard_batch`), forward,
 chunked loss, backward; the gradient reduction of data parallelism is left out (the same for any strategy).
 The exchanges are counted by `ALL_TO_ALL_STATS` (the bytes each rank sends to the others) and timed by wrapping
@@ -32,7 +33,8 @@ from common import common_args, markdown_table, median, report, setup_env, sprea
 log = logging.getLogger("sequence_parallel")
 
 
-def make_batch(layout: str, seq_len: int, vocab: int, seed: int = 0) -> dict:
+def make_batch(layout: str, seq_len: int, vocab: int, seed: int = 0):
+    """One packed row (a PackedBatch) of the given document layout."""
     import numpy as np
 
     from prolong_lit.data.collate import collate_samples
@@ -67,7 +69,9 @@ def _worker(rank: int, size: int, port: int, args: argparse.Namespace, out: str)
 
     import prolong_lit.parallel.ulysses as ulysses
     from prolong_lit.model.module import LongContextLM
-    from prolong_lit.parallel.sequence import init_sequence_parallel, shard_batch
+    from prolong_lit.model.sequence_batch import shard_batch
+    from prolong_lit.model.settings import KernelSettings, LlamaSettings
+    from prolong_lit.parallel.plan import build_plan
 
     dist.init_process_group("gloo", rank=rank, world_size=size)
     exchange_seconds: list[float] = []
@@ -80,14 +84,17 @@ def _worker(rank: int, size: int, port: int, args: argparse.Namespace, out: str)
         return result
 
     ulysses._exchange = timed_exchange  # the autograd Function looks the name up at each call
-    sp = init_sequence_parallel(size, "cpu") if size > 1 else None
+    # every rank of the world in one sequence-parallel group (P = 1: none), the model unsharded
+    plan = build_plan("cpu", rank, size, sequence_parallel_size=size, sharding=None)
+    sp = plan.sequence_parallel
     torch.manual_seed(0)
     overrides = {"vocab_size": args.vocab, "hidden_size": args.hidden, "intermediate_size": 3 * args.hidden,
                  "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
                  "num_key_value_heads": args.kv_heads, "head_dim": args.hidden // args.heads,  # not tiny's 16
                  "bos_token_id": 1, "eos_token_id": 2}
-    module = LongContextLM(model="tiny", model_overrides=overrides, seq_len=args.seq_len, sequence_parallel_size=size,
-                           docmask_block_size=1024, loss_chunk_size=2048)
+    module = LongContextLM(llama=LlamaSettings(name_or_path="tiny", overrides=overrides), seq_len=args.seq_len,
+                           kernels=KernelSettings(docmask_block_size=1024, loss_chunk_size=2048))
+    module.set_parallel_plan(plan)
     module.configure_model()
     results = {}
     for layout in ("straddling", "inside"):
@@ -100,7 +107,7 @@ def _worker(rank: int, size: int, port: int, args: argparse.Namespace, out: str)
             start = time.perf_counter()
             local = shard_batch(batch, sp) if sp is not None else batch
             loss_sum, _ = module.compute_loss_sum(local)
-            (loss_sum / int(batch["step_loss_tokens"]) * size).backward()
+            (loss_sum / int(batch.step_loss_tokens) * size).backward()
             elapsed = time.perf_counter() - start
             module.model.zero_grad(set_to_none=True)
             if step >= args.warmup:

@@ -4,11 +4,13 @@ The same model (LongContextLM, a small Llama: hidden 256, 4 layers, 4 heads / 2 
 attention, chunked loss) and the same pre-built micro-batches (made by the project's collate) go through:
 
 - manual: forward + loss via the module's own `compute_loss_sum`, backward, gradient clipping at 1.0, AdamW step,
-  LR-scheduler step, zero_grad; the optimizer and schedule come from the module's `build_optimizer`;
+  LR-scheduler step, zero_grad; the optimizer and schedule are the module's own (its `optimizer` and `scheduler`
+  factories over `param_groups`, as its `configure_optimizers` builds them);
 - fit (lean): `Trainer.fit` over a DataLoader of the batches, gradient_clip_val 1.0, with logger, progress bar,
   checkpointing and model summary disabled: the training loop itself;
-- fit (demo settings): what configs/demo/pretrain.yaml runs with: TensorBoard logger (log_every_n_steps 5),
-  progress bar, ModelCheckpoint (every 20 steps, save_last), model summary and the TokenAccounting callback.
+- fit (demo settings): what configs/demo/pretrain.yaml runs with: TensorBoard logger in `<root>/logs` (the CLI's
+  default logger; log_every_n_steps 5), progress bar, ModelCheckpoint in `<root>/checkpoints` (every 20 steps,
+  save_last), model summary and the TokenAccounting callback.
 
 Both fit variants also run what the module does around each step that the manual loop does not (the step's exact
 loss reduced across ranks, the gradient norm and the learning rate logged): it is part of what `fit` costs.
@@ -47,8 +49,8 @@ log = logging.getLogger("trainer_overhead")
 RATIO_TARGET = 0.95
 
 
-def make_batches(count: int, seq_len: int, micro_batch: int, max_docs: int, vocab_size: int) -> list[dict]:
-    """`count` distinct micro-batches of random documents, collated by the project's collate."""
+def make_batches(count: int, seq_len: int, micro_batch: int, max_docs: int, vocab_size: int) -> list:
+    """`count` distinct micro-batches (PackedBatch) of random documents, collated by the project's collate."""
     import numpy as np
 
     from prolong_lit.data.collate import collate_samples
@@ -69,21 +71,26 @@ def make_batches(count: int, seq_len: int, micro_batch: int, max_docs: int, voca
 
 
 def build_module(args: argparse.Namespace):
+    from functools import partial
+
     import torch
 
     from prolong_lit.model.module import LongContextLM
+    from prolong_lit.model.optim import AdamW, WarmupCosine
+    from prolong_lit.model.settings import LlamaSettings
 
     torch.manual_seed(0)
     overrides = small_llama_overrides(args.vocab_size, args.hidden_size, args.layers)
-    return LongContextLM(model="tiny", model_overrides=overrides, seq_len=args.seq_len, lr=1e-4, warmup_steps=2)
+    return LongContextLM(llama=LlamaSettings(name_or_path="tiny", overrides=overrides), seq_len=args.seq_len,
+                         optimizer=partial(AdamW, lr=1e-4), scheduler=partial(WarmupCosine, warmup_steps=2))
 
 
-def run_manual(args: argparse.Namespace, batches: list[dict]) -> dict[str, float]:
+def run_manual(args: argparse.Namespace, batches: list) -> dict[str, float]:
     clock = hand_written_fit(build_module(args), batches, len(batches), grad_clip=1.0, warmup=args.warmup)
     return clock.rates(args.micro_batch * args.seq_len)
 
 
-def run_fit(args: argparse.Namespace, batches: list[dict], demo_settings: bool) -> dict[str, float]:
+def run_fit(args: argparse.Namespace, batches: list, demo_settings: bool) -> dict[str, float]:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -104,7 +111,11 @@ def run_fit(args: argparse.Namespace, batches: list[dict], demo_settings: bool) 
         if demo_settings:
             checkpoint = ModelCheckpoint(dirpath=f"{root}/checkpoints", every_n_train_steps=20, save_top_k=-1,
                                          save_last=True)
-            trainer = pl.Trainer(**common, logger=TensorBoardLogger(root, name="bench"), log_every_n_steps=5,
+            logger = TensorBoardLogger(save_dir=root, name="", version="logs")  # as ProLongCLI's default logger
+            # enable_autolog_hparams=False: a LongContextLM built in Python holds its settings as frozen dataclasses,
+            # which Lightning's hparams.yaml writer refuses (the CLI records plain config dicts instead); the
+            # hparams are written once, before the first step, so the timed steps are the same either way
+            trainer = pl.Trainer(**common, logger=logger, log_every_n_steps=5, enable_autolog_hparams=False,
                                  callbacks=[Clock(), checkpoint, TokenAccounting()])
         else:
             trainer = pl.Trainer(**common, logger=False, enable_progress_bar=False, enable_checkpointing=False,

@@ -30,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,10 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
 from prolong_lit.data.collate import collate_samples  # noqa: E402
+from prolong_lit.data.format import PackedBatch  # noqa: E402
 from prolong_lit.model.module import LongContextLM  # noqa: E402
+from prolong_lit.model.optim import AdamW, WarmupCosine  # noqa: E402
+from prolong_lit.model.settings import KernelSettings, LlamaSettings  # noqa: E402
 from prolong_lit.parallel.strategy import FSDP2Strategy  # noqa: E402
 
 log = logging.getLogger("gpu_throughput")
@@ -87,7 +91,7 @@ class SyntheticRows(torch.utils.data.Dataset):
         return {"input_ids": rng.integers(0, self.vocab_size, self.seq_len, dtype=np.int32), "doc_lengths": lengths}
 
 
-def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def collate(samples: list[dict[str, np.ndarray]]) -> PackedBatch:
     return collate_samples(samples, domain_ids=[0] * len(samples), sample_index=list(range(len(samples))))
 
 
@@ -151,10 +155,15 @@ def main() -> None:
     if devices % args.sp:
         raise SystemExit(f"--sp {args.sp} must divide the number of devices ({devices})")
     module = LongContextLM(
-        model=size, model_overrides=overrides, seq_len=args.seq_len, max_position_embeddings=args.seq_len,
-        rope_theta=8.0e6 if args.seq_len <= 65536 else 1.28e8, attn_implementation="auto",
-        activation_checkpointing=not args.no_activation_checkpointing, sequence_parallel_size=args.sp,
-        fsdp_param_dtype=None if cpu else "bfloat16", fsdp_reduce_dtype="float32", lr=1e-5, warmup_steps=1,
+        llama=LlamaSettings(name_or_path=size, overrides=overrides, max_position_embeddings=args.seq_len,
+                            rope_theta=8.0e6 if args.seq_len <= 65536 else 1.28e8),
+        seq_len=args.seq_len, kernels=KernelSettings(attn_implementation="auto"),
+        optimizer=partial(AdamW, lr=1e-5), scheduler=partial(WarmupCosine, warmup_steps=1),
+    )
+    # the parallel settings are the strategy's: FSDP over all GPUs, Ulysses over --sp of them, bf16 compute
+    strategy = FSDP2Strategy(
+        replicate_size=1, sequence_parallel_size=args.sp, activation_checkpointing=not args.no_activation_checkpointing,
+        param_dtype=None if cpu else "bfloat16", reduce_dtype="float32",
     )
     total_steps = args.warmup + args.steps
     data_parallel = devices // args.sp
@@ -165,8 +174,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(
             accelerator="cpu" if cpu else "cuda", devices=devices, num_nodes=1,
-            strategy=FSDP2Strategy(replicate_size=1),
-            precision="32-true",  # fp32 master weights and AdamW state; bf16 compute from fsdp_param_dtype
+            strategy=strategy,
+            precision="32-true",  # fp32 master weights and AdamW state; bf16 compute from the strategy's param_dtype
             max_steps=total_steps, gradient_clip_val=1.0, callbacks=[timer], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             default_root_dir=scratch, use_distributed_sampler=False,

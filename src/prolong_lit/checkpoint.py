@@ -161,13 +161,17 @@ def hf_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def recorded_tokenizer(checkpoint: dict[str, Any]) -> str | None:
-    """The run's tokenizer if the checkpoint says which: its `tokenizer` entry, else a `model.model` checkpoint
-    directory that holds tokenizer files (the recipe starts from a Hugging Face directory)."""
+    """The run's tokenizer if the checkpoint says which: its `tokenizer` entry, else the Hugging Face directory
+    the run started from (`model.llama.name_or_path`; `model.model` in older checkpoints) if it holds tokenizer
+    files (the recipe starts from one)."""
     if checkpoint.get(TOKENIZER_KEY):
         return str(checkpoint[TOKENIZER_KEY])
-    model = (checkpoint.get("hyper_parameters") or {}).get("model")
-    if isinstance(model, str) and any((Path(model).expanduser() / f).is_file() for f in TOKENIZER_FILES):
-        return model
+    hparams = checkpoint.get("hyper_parameters") or {}
+    llama = hparams.get("llama")  # LongContextLM's LlamaSettings (read by attribute: no import of the model here)
+    start = llama.get("name_or_path") if isinstance(llama, dict) else getattr(llama, "name_or_path", None)
+    start = start or hparams.get("model")
+    if isinstance(start, str) and any((Path(start).expanduser() / f).is_file() for f in TOKENIZER_FILES):
+        return start
     return None
 
 

@@ -19,13 +19,13 @@ import sys
 import warnings
 from typing import Any
 
-# Nothing downloads at run time: fail fast instead of hanging ~50 s on a hub call (docs/environment.md).
+# Nothing downloads at run time: fail fast instead of hanging ~50 s on a hub call (docs/environment.md, Offline by default).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from prolong_lit.callbacks.slurm_requeue import SlurmRequeue  # noqa: E402
@@ -54,8 +54,7 @@ TOOL_SUBCOMMANDS = {
 
 
 class ProLongCLI(LightningCLI):
-    """LightningCLI with the project's defaults: any LightningModule/DataModule by `class_path`; `data.seq_len`
-    also sets `model.seq_len` (the rows the data holds are the rows the model trains on).
+    """LightningCLI with the project's defaults: any LightningModule/DataModule by `class_path`.
 
     `parse_only=True` parses and checks a config without building anything (`config` then holds it; a bad
     config raises instead of exiting): what the pipeline uses to check and record a phase's config."""
@@ -74,9 +73,6 @@ class ProLongCLI(LightningCLI):
             args=args,
             run=run and not parse_only,
         )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.init_args.seq_len", "model.init_args.seq_len")
 
     def instantiate_classes(self) -> None:
         if not self.parse_only:

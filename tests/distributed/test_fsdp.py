@@ -22,6 +22,7 @@ import logging
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -31,6 +32,8 @@ from safetensors.torch import load_file
 
 from prolong_lit.data.datamodule import MixtureDataModule
 from prolong_lit.model.module import LongContextLM
+from prolong_lit.model.optim import AdamW, WarmupCosine
+from prolong_lit.model.settings import KernelSettings, LlamaSettings
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ class Recorder(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.record["start_step"]:
-            self.samples += batch["sample_index"].tolist()
+            self.samples += batch.sample_index.tolist()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step != self.record["start_step"]:
@@ -120,18 +123,24 @@ def _rank_main(settings: dict) -> None:
     from prolong_lit.parallel.strategy import FSDP2Strategy
 
     pl.seed_everything(0)
-    module = LongContextLM(model=settings["model_dir"], seq_len=SEQ_LEN, lr=1e-3, warmup_steps=1,
-                           activation_checkpointing=settings["activation_checkpointing"],
-                           loss_chunk_size=settings["loss_chunk_size"])
+    module = LongContextLM(llama=LlamaSettings(name_or_path=settings["model_dir"]), seq_len=SEQ_LEN,
+                           kernels=KernelSettings(loss_chunk_size=settings["loss_chunk_size"]),
+                           optimizer=partial(AdamW, lr=1e-3), scheduler=partial(WarmupCosine, warmup_steps=1))
+    strategy = FSDP2Strategy(replicate_size=settings["replicate"],
+                             activation_checkpointing=settings["activation_checkpointing"])
     recorder = Recorder(settings.get("stop_at"))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=settings["devices"], strategy=FSDP2Strategy(replicate_size=settings["replicate"]),
+        accelerator="cpu", devices=settings["devices"], strategy=strategy,
         max_steps=MAX_STEPS, accumulate_grad_batches=settings["accumulate"], gradient_clip_val=1.0,
         precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[recorder],
     )
     data = build_data(settings["data_dir"], settings.get("micro_batch", MICRO_BATCH))
-    trainer.fit(module, datamodule=data, ckpt_path=settings.get("resume"))
+    # A module built in Python (not by the CLI, which saves its config as plain dicts) pickles its settings objects
+    # into the checkpoint's hyper-parameters; Lightning reloads them with torch's weights-only loader (its
+    # ModelParallelStrategy drops fit's weights_only=False), so allow exactly those types for this run's checkpoint.
+    with torch.serialization.safe_globals([LlamaSettings, KernelSettings, partial, AdamW, WarmupCosine]):
+        trainer.fit(module, datamodule=data, ckpt_path=settings.get("resume"))
     if settings.get("save"):
         trainer.save_checkpoint(settings["save"])
     recorder.record["end"] = full_state(module, trainer.optimizers[0])
@@ -191,7 +200,7 @@ def runs(tmp_path_factory) -> dict:
 
 def reference_step(model_dir: Path, data_dir: Path, weights: dict | None, start: int, samples: int):
     """(token-mean loss, gradients) of one process, unsharded, on the global batch [start, start + samples)."""
-    module = LongContextLM(model=str(model_dir), seq_len=SEQ_LEN)
+    module = LongContextLM(llama=LlamaSettings(name_or_path=str(model_dir)), seq_len=SEQ_LEN)
     module.configure_model()
     if weights is not None:
         module.model.load_state_dict(weights)
@@ -199,9 +208,9 @@ def reference_step(model_dir: Path, data_dir: Path, weights: dict | None, start:
     data.setup("fit")
     data.load_state_dict({**data.state_dict(), "consumed_samples": start})
     batch = data.train_stream(rank=0, world_size=1).micro_batch(0)
-    assert batch["sample_index"].tolist() == list(range(start, start + samples))
+    assert batch.sample_index.tolist() == list(range(start, start + samples))
     loss_sum, count = module.compute_loss_sum(batch)
-    assert count == batch["step_loss_tokens"]  # one micro-batch holds the whole step
+    assert count == batch.step_loss_tokens  # one micro-batch holds the whole step
     loss = loss_sum / count
     loss.backward()
     return loss.item(), {name: p.grad for name, p in module.model.named_parameters()}
@@ -311,30 +320,33 @@ def test_eval_command_reads_the_distributed_checkpoint_as_its_export(runs, llama
 
 
 def test_bad_sharding_settings_name_the_setting():
-    from prolong_lit.parallel.fsdp import ShardingConfig, shard_model
-    from prolong_lit.parallel.strategy import FSDP2Strategy, build_mesh
+    from prolong_lit.model.parallelize import shard_llama
+    from prolong_lit.parallel.fsdp import ShardingConfig
+    from prolong_lit.parallel.plan import build_world_mesh
+    from prolong_lit.parallel.strategy import FSDP2Strategy
 
-    with pytest.raises(ValueError, match=r"model.fsdp_param_dtype: 'bf16' is not one of bfloat16"):
-        LongContextLM(fsdp_param_dtype="bf16")
-    with pytest.raises(ValueError, match=r"model.fsdp_reduce_dtype: 'fp32'"):
+    with pytest.raises(ValueError, match=r"trainer.strategy.init_args.param_dtype: 'bf16' is not one of bfloat16"):
+        FSDP2Strategy(param_dtype="bf16")
+    with pytest.raises(ValueError, match=r"trainer.strategy.init_args.reduce_dtype: 'fp32'"):
         ShardingConfig(reduce_dtype="fp32")
     with pytest.raises(ValueError, match=r"replicate_size: 0 is neither a positive integer nor 'nodes'"):
         FSDP2Strategy(replicate_size=0)
     with pytest.raises(ValueError, match=r"replicate_size: 3 does not divide the world size 4"):
-        build_mesh("cpu", world_size=4, replicate_size=3)
+        build_world_mesh("cpu", world_size=4, replicate_size=3)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tied = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    with pytest.raises(ValueError, match=r"tied input/output embeddings .* trainer.strategy: ddp"):
-        shard_model(LlamaForCausalLM(tied), mesh=None, config=ShardingConfig())
+    with pytest.raises(ValueError, match=r"model.llama.name_or_path: .*tied input/output embeddings .* without a "
+                                         r"sharding strategy"):
+        shard_llama(LlamaForCausalLM(tied), mesh=None, config=ShardingConfig())
 
 
 def test_slice_loading_equals_from_pretrained_and_checks_shapes(tmp_path):
     """The loader into plain (unsharded) parameters: the same fp32 weights as transformers' from_pretrained."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prolong_lit.parallel.hf_load import load_hf_weights
+    from prolong_lit.model.weights import load_hf_weights
 
     write_hf_checkpoint(tmp_path / "hf")
     expected = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).state_dict()
@@ -345,10 +357,11 @@ def test_slice_loading_equals_from_pretrained_and_checks_shapes(tmp_path):
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in expected.items())
 
     config.intermediate_size = 172
-    with pytest.raises(ValueError, match=r"model.model: model.layers.0.mlp.\w+_proj.weight is \(\d+, \d+\) in"):
+    shapes = r"model.llama.name_or_path: model.layers.0.mlp.\w+_proj.weight is \(\d+, \d+\) in"
+    with pytest.raises(ValueError, match=shapes):
         load_hf_weights(LlamaForCausalLM(config), tmp_path / "hf")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"model.model: .* holds no model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"model.llama.name_or_path: .* holds no model.safetensors"):
         load_hf_weights(model, tmp_path / "empty")
 
 

@@ -1,7 +1,8 @@
 """Sequence parallelism (Ulysses) on 2 and 4 CPU processes (gloo) against P = 1 on the same rows, fp32.
 
-The function-level test runs LongContextLM's own sharding, forward and chunked loss on P ranks and averages the
-gradients over the world as DDP does (or lets FSDP2 reduce them); the loss and every parameter's gradient must
+The function-level test drives LongContextLM by hand on P ranks: its parallel plan built from the process group
+(`build_plan`, set before `configure_model`), its batch cut (`shard_batch`), forward and chunked loss, and averages
+the gradients over the world as DDP does (or lets FSDP2 reduce them); the loss and every parameter's gradient must
 equal one process's on the whole rows within 1e-5: documents straddling chunk boundaries, grouped-query heads
 (P = 4 repeats the tiny model's 2 kv heads; a 1-kv-head variant repeats 4 times), documents inside chunks (no
 exchange at all), activation checkpointing, two data-parallel groups of 2, and FSDP2. The Lightning test trains
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -38,8 +40,9 @@ TOLERANCE = 1e-5
 REPO = Path(__file__).resolve().parents[2]  # the launched scripts get it on PYTHONPATH, for tests.helpers.*
 
 CHECKPOINTED = {"activation_checkpointing": True}  # the recomputed forward exchanges again, inside backward
-ONE_KV_HEAD = {"model_overrides": {**OVERRIDES, "num_key_value_heads": 1}}  # P = 4 repeats it 4 times
-# (name, P, rows of each data-parallel group, LongContextLM arguments, FSDP2); world = P * number of groups
+ONE_KV_HEAD = {"overrides": {**OVERRIDES, "num_key_value_heads": 1}}  # P = 4 repeats it 4 times
+# (name, P, rows of each data-parallel group, settings (the Llama's overrides, activation checkpointing in the
+# parallel plan), FSDP2); world = P * number of groups
 SCENARIOS = {
     2: [("straddling", 2, [STRADDLING], {}, False),
         ("inside_chunks", 2, [ALIGNED], {}, False),
@@ -52,35 +55,41 @@ SCENARIOS = {
 }
 
 
-def build(size: int, settings: dict):
+def build(settings: dict, plan=None):
+    """The module of a scenario, laid out by `plan` (None: one process, whole rows, no checkpointing)."""
     from prolong_lit.model.module import LongContextLM
+    from prolong_lit.model.settings import KernelSettings, LlamaSettings
 
     torch.manual_seed(0)
-    module = LongContextLM(**{"model": "tiny", "model_overrides": OVERRIDES, "seq_len": SEQ_LEN,
-                              "docmask_block_size": 16, "loss_chunk_size": 32, **settings},
-                           sequence_parallel_size=size)
-    module.configure_model()
+    module = LongContextLM(llama=LlamaSettings(name_or_path="tiny", overrides=settings.get("overrides", OVERRIDES)),
+                           seq_len=SEQ_LEN, kernels=KernelSettings(docmask_block_size=16, loss_chunk_size=32))
+    if plan is not None:
+        module.set_parallel_plan(plan)
+    module.configure_model()  # sharded with FSDP2 when the plan has a shard mesh
     return module
 
 
-def rows_batch(rows: list[list[int]], seed: int, step_loss_tokens: int | None = None) -> dict:
+def rows_batch(rows: list[list[int]], seed: int, step_loss_tokens: int | None = None):
     from tests.helpers.model_batches import make_packed_batch
 
     return make_packed_batch(rows, vocab=VOCAB, seed=seed, step_loss_tokens=step_loss_tokens)
 
 
-def group_batches(groups: list[list[list[int]]]) -> list[dict]:
-    """One micro-batch per data-parallel group; step_loss_tokens counts all groups' tokens once."""
+def group_batches(groups: list[list[list[int]]]) -> list:
+    """One micro-batch (PackedBatch) per data-parallel group; step_loss_tokens counts all groups' tokens once."""
     batches = [rows_batch(rows, seed=g) for g, rows in enumerate(groups)]
-    total = sum(int(b["loss_tokens"]) for b in batches)
+    total = sum(int(b.loss_tokens) for b in batches)
     return [rows_batch(rows, seed=g, step_loss_tokens=total) for g, rows in enumerate(groups)]
 
 
 def reference(groups: list[list[list[int]]], settings: dict) -> tuple[float, dict[str, torch.Tensor]]:
     """P = 1, one process, every group's rows: the step's token-mean loss and its gradients."""
-    module = build(1, settings)
+    from prolong_lit.parallel.plan import ParallelPlan
+
+    checkpointed = settings.get("activation_checkpointing", False)
+    module = build(settings, ParallelPlan(activation_checkpointing=True) if checkpointed else None)
     batches = group_batches(groups)
-    loss = sum(module.compute_loss_sum(b)[0] for b in batches) / int(batches[0]["step_loss_tokens"])
+    loss = sum(module.compute_loss_sum(b)[0] for b in batches) / int(batches[0].step_loss_tokens)
     loss.backward()
     return loss.item(), {name: p.grad.clone() for name, p in module.model.named_parameters()}
 
@@ -89,23 +98,23 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    from prolong_lit.parallel.fsdp import ShardingConfig, shard_model
-    from prolong_lit.parallel.sequence import data_parallel_rank_and_size, init_sequence_parallel, shard_batch
+    from prolong_lit.model.sequence_batch import shard_batch
+    from prolong_lit.parallel.fsdp import ShardingConfig
+    from prolong_lit.parallel.plan import build_plan
     from prolong_lit.parallel.ulysses import ALL_TO_ALL_STATS
 
     for name, size, groups, settings, fsdp in SCENARIOS[world]:
-        sp = init_sequence_parallel(size, "cpu")
-        module = build(size, settings)
-        if fsdp:
-            shard_model(module.model, init_device_mesh("cpu", (world,), mesh_dim_names=("shard",)), ShardingConfig())
-        group, _ = data_parallel_rank_and_size(rank, world, size)
-        batch = shard_batch(group_batches(groups)[group], sp)
+        plan = build_plan("cpu", rank, world, replicate_size=1, sequence_parallel_size=size,
+                          sharding=ShardingConfig() if fsdp else None,
+                          activation_checkpointing=settings.get("activation_checkpointing", False))
+        module = build(settings, plan)
+        assert (plan.shard_mesh is not None) == fsdp and plan.sequence_parallel_size == size
+        batch = shard_batch(group_batches(groups)[plan.data_parallel_rank], plan.sequence_parallel)
         ALL_TO_ALL_STATS.reset()
         loss_sum, _ = module.compute_loss_sum(batch)
-        step_tokens = int(batch["step_loss_tokens"])
+        step_tokens = int(batch.step_loss_tokens)
         # LongContextLM.training_step's scale: the world size (gradient_average_size), since DDP/FSDP average
         # over every rank while the ranks of a group hold different tokens of the same rows
         (loss_sum / step_tokens * world).backward()
@@ -125,7 +134,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             torch.save({"loss": total.item() / step_tokens, "grads": grads, "exchanges": ALL_TO_ALL_STATS.calls},
                        Path(out_dir) / f"{name}.pt")
     # a DataModule that gives the ranks of a group different rows is caught before any attention runs
-    sp = init_sequence_parallel(world, "cpu")
+    sp = build_plan("cpu", rank, world, sequence_parallel_size=world, sharding=None).sequence_parallel
     try:
         shard_batch(rows_batch(STRADDLING, seed=rank), sp)
         caught = ""
@@ -160,11 +169,13 @@ def test_sequence_parallel_loss_and_gradients_equal_one_rank(world, tmp_path):
 MICRO_BATCH, ACCUMULATE, STEPS = 2, 2, 2
 
 
-def lightning_fit(data_dir: Path, size: int, **trainer_kwargs) -> tuple:
+def lightning_fit(data_dir: Path, **trainer_kwargs) -> tuple:
     import lightning.pytorch as pl
 
     from prolong_lit.data.datamodule import MixtureDataModule
     from prolong_lit.model.module import LongContextLM
+    from prolong_lit.model.optim import AdamW, WarmupCosine
+    from prolong_lit.model.settings import KernelSettings, LlamaSettings
 
     class Record(pl.Callback):
         """Every step's gradients (gathered under FSDP2), the initial weights, every row each rank trained on."""
@@ -178,7 +189,7 @@ def lightning_fit(data_dir: Path, size: int, **trainer_kwargs) -> tuple:
             self.initial = full_weights(module)
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-            self.samples += batch["sample_index"].tolist()
+            self.samples += batch.sample_index.tolist()
 
         def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
             from torch.distributed.tensor import DTensor
@@ -193,8 +204,9 @@ def lightning_fit(data_dir: Path, size: int, **trainer_kwargs) -> tuple:
     from tests.helpers.data_factory import VOCAB_SIZE
 
     overrides = {**OVERRIDES, "vocab_size": VOCAB_SIZE}  # the test data's token ids
-    module = LongContextLM(model="tiny", model_overrides=overrides, seq_len=SEQ_LEN, sequence_parallel_size=size,
-                           lr=1e-4, warmup_steps=0, loss_chunk_size=32)
+    module = LongContextLM(llama=LlamaSettings(name_or_path="tiny", overrides=overrides), seq_len=SEQ_LEN,
+                           kernels=KernelSettings(loss_chunk_size=32), optimizer=partial(AdamW, lr=1e-4),
+                           scheduler=partial(WarmupCosine, warmup_steps=0))
     data = MixtureDataModule(str(data_dir), weights={"books": 1.0, "code": 1.0}, seq_len=SEQ_LEN,
                              micro_batch_size=MICRO_BATCH, val_samples_per_domain=0, num_workers=0)
     record = Record()
@@ -217,7 +229,7 @@ def _lightning_run(data_dir: Path, out: Path) -> None:
     torch.set_num_threads(1)
     from prolong_lit.parallel.strategy import FSDP2Strategy
 
-    trainer, module, record = lightning_fit(data_dir, 2, devices=2, strategy=FSDP2Strategy())
+    trainer, module, record = lightning_fit(data_dir, devices=2, strategy=FSDP2Strategy(sequence_parallel_size=2))
     weights = full_weights(module)
     torch.save({"samples": record.samples, "grads": record.grads, "weights": weights},
                out / f"rank{trainer.global_rank}.pt")
@@ -235,7 +247,7 @@ def test_lightning_fsdp2_with_sequence_parallel_trains_like_one_process(tmp_path
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 
-    _, module, record = lightning_fit(data_dir, 1, devices=1)
+    _, module, record = lightning_fit(data_dir, devices=1)
     # both ranks of the group read exactly the single process's samples: the whole step, not half of it each
     assert ranks[0]["samples"] == ranks[1]["samples"] == record.samples
     assert len(record.samples) == STEPS * ACCUMULATE * MICRO_BATCH

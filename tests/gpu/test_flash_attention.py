@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from tests.helpers.model_batches import make_packed_batch
 
@@ -20,10 +21,11 @@ DOC_LENGTHS = [[400, 1, 300, 323], [1024], [100, 500, 424]]
 
 def build(attn: str, state=None):
     from prolong_lit.model.module import LongContextLM
+    from prolong_lit.model.settings import KernelSettings, LlamaSettings
 
     torch.manual_seed(0)
-    module = LongContextLM(model="tiny", model_overrides=OVERRIDES, attn_implementation=attn,
-                           docmask_block_size=256, seq_len=1024)
+    module = LongContextLM(llama=LlamaSettings(name_or_path="tiny", overrides=OVERRIDES),
+                           kernels=KernelSettings(attn_implementation=attn, docmask_block_size=256), seq_len=1024)
     module.configure_model()
     if state is not None:
         module.model.load_state_dict(state)
@@ -35,7 +37,7 @@ def bf16_autocast():
 
 
 def on_cuda(batch):
-    return {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return move_data_to_device(batch, torch.device("cuda"))  # as the Trainer moves a PackedBatch
 
 
 def fp32_reference(state, batch):
@@ -51,7 +53,7 @@ def fp32_reference(state, batch):
         for row, lengths in enumerate(DOC_LENGTHS):
             start, pieces = 0, []
             for n in lengths:
-                ids = batch["input_ids"][row : row + 1, start : start + n]
+                ids = batch.input_ids[row : row + 1, start : start + n]
                 pieces.append(reference.model(input_ids=ids).last_hidden_state[0])
                 start += n
             rows.append(torch.cat(pieces))
@@ -97,8 +99,8 @@ def test_flash_gradients_match_docmask(state):
 def test_flash_keeps_documents_isolated(state):
     module = build("flash", state)
     batch = on_cuda(make_packed_batch(DOC_LENGTHS, VOCAB, seed=2))
-    changed = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}
-    changed["input_ids"][0, :400] = (changed["input_ids"][0, :400] + 1) % VOCAB
+    changed = batch.replace(input_ids=batch.input_ids.clone())
+    changed.input_ids[0, :400] = (changed.input_ids[0, :400] + 1) % VOCAB
     with torch.no_grad(), bf16_autocast():
         before, after = module(batch).float(), module(changed).float()
     assert (before[0, :400] - after[0, :400]).abs().max().item() > 1e-2

@@ -7,6 +7,7 @@ Each run starts from the same bf16 Hugging Face checkpoint (loaded on the meta d
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,6 +16,8 @@ import torch
 
 from prolong_lit.data.datamodule import MixtureDataModule
 from prolong_lit.model.module import LongContextLM
+from prolong_lit.model.optim import AdamW, WarmupCosine
+from prolong_lit.model.settings import KernelSettings, LlamaSettings
 
 pytestmark = pytest.mark.gpu
 
@@ -66,15 +69,18 @@ def gathered(grad) -> torch.Tensor:
 
 
 def fit(model_dir: Path, data_dir: Path, **sharding) -> dict:
+    """`sharding`: FSDP2Strategy's param_dtype / reduce_dtype / cpu_offload."""
     from prolong_lit.parallel.strategy import FSDP2Strategy
 
     pl.seed_everything(0)
-    module = LongContextLM(model=str(model_dir), seq_len=SEQ_LEN, lr=1e-3, warmup_steps=1,
-                           activation_checkpointing=True, loss_chunk_size=128, **sharding)
+    module = LongContextLM(llama=LlamaSettings(name_or_path=str(model_dir)), seq_len=SEQ_LEN,
+                           kernels=KernelSettings(loss_chunk_size=128),
+                           optimizer=partial(AdamW, lr=1e-3), scheduler=partial(WarmupCosine, warmup_steps=1))
     data = MixtureDataModule(str(data_dir), weights={"books": 1.0, "code": 1.0}, seq_len=SEQ_LEN,
                              micro_batch_size=2, val_samples_per_domain=0, num_workers=0)
     recorder = StepRecorder()
-    trainer = pl.Trainer(accelerator="gpu", devices=1, strategy=FSDP2Strategy(), max_steps=STEPS,
+    strategy = FSDP2Strategy(activation_checkpointing=True, **sharding)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, strategy=strategy, max_steps=STEPS,
                          precision="32-true", gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, callbacks=[recorder])
@@ -109,7 +115,7 @@ def relative_grad_error(grads: dict, reference: dict) -> float:
 
 def test_bf16_compute_fp32_master_weights_close_to_fp32(setup):
     model_dir, data_dir, fp32 = setup
-    bf16 = fit(model_dir, data_dir, fsdp_param_dtype="bfloat16", fsdp_reduce_dtype="float32")
+    bf16 = fit(model_dir, data_dir, param_dtype="bfloat16", reduce_dtype="float32")
     assert fp32["compute_dtype"] == torch.float32 and fp32["compute_device"] == "cuda"
     assert bf16["master_dtype"] == torch.float32 and bf16["master_device"] == "cuda"  # AdamW steps fp32 shards
     assert bf16["compute_dtype"] == torch.bfloat16
@@ -121,7 +127,7 @@ def test_bf16_compute_fp32_master_weights_close_to_fp32(setup):
 
 def test_cpu_offload_keeps_shards_on_the_cpu_and_trains_the_same(setup):
     model_dir, data_dir, fp32 = setup
-    offloaded = fit(model_dir, data_dir, fsdp_cpu_offload=True)
+    offloaded = fit(model_dir, data_dir, cpu_offload=True)
     assert offloaded["master_device"] == "cpu"  # still after Lightning moved the module to the GPU
     assert offloaded["compute_device"] == "cuda"
     assert offloaded["losses"] == pytest.approx(fp32["losses"], rel=1e-5)

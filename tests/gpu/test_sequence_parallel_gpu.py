@@ -28,27 +28,33 @@ DOC_LENGTHS = [[400, 1, 300, 323], [1024], [100, 500, 424]]  # documents across 
 SEQ_LEN = 1024
 
 
-def build(size: int, attn: str, device: torch.device):
+def build(attn: str, device: torch.device, plan=None):
+    """The tiny model on `device`, laid out by `plan` (a sequence-parallel one: the attention's twin), or alone."""
     from prolong_lit.model.module import LongContextLM
+    from prolong_lit.model.settings import KernelSettings, LlamaSettings
 
     torch.manual_seed(0)
-    module = LongContextLM(model="tiny", model_overrides=OVERRIDES, seq_len=SEQ_LEN, attn_implementation=attn,
-                           sequence_parallel_size=size, docmask_block_size=256, loss_chunk_size=512)
+    module = LongContextLM(llama=LlamaSettings(name_or_path="tiny", overrides=OVERRIDES), seq_len=SEQ_LEN,
+                           kernels=KernelSettings(attn_implementation=attn, docmask_block_size=256,
+                                                  loss_chunk_size=512))
+    if plan is not None:
+        module.set_parallel_plan(plan)
     module.configure_model()
     return module.to(device)
 
 
-def make_batch(device: torch.device) -> dict:
+def make_batch(device: torch.device):
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
     from tests.helpers.model_batches import make_packed_batch
 
-    batch = make_packed_batch(DOC_LENGTHS, vocab=VOCAB, seed=0)
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return move_data_to_device(make_packed_batch(DOC_LENGTHS, vocab=VOCAB, seed=0), device)
 
 
-def loss_and_grads(module, batch: dict, scale: int, bf16: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(module, batch, scale: int, bf16: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         loss_sum, _ = module.compute_loss_sum(batch)
-    (loss_sum / int(batch["step_loss_tokens"]) * scale).backward()
+    (loss_sum / int(batch.step_loss_tokens) * scale).backward()
     return loss_sum.detach(), {n: p.grad.detach().clone() for n, p in module.model.named_parameters()}
 
 
@@ -56,15 +62,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
-    from prolong_lit.parallel.sequence import init_sequence_parallel, shard_batch
+    from prolong_lit.model.sequence_batch import shard_batch
+    from prolong_lit.parallel.plan import build_plan
 
     device = torch.device("cuda", rank)
-    sp = init_sequence_parallel(world, "cuda")
+    # one sequence-parallel group of all ranks, the model unsharded (sequence parallelism alone)
+    plan = build_plan("cuda", rank, world, sequence_parallel_size=world, sharding=None)
     for attn, bf16 in (("docmask", False), ("flash", True)):
         if attn == "flash" and not _has_flash():
             continue
-        module = build(world, attn, device)
-        loss_sum, grads = loss_and_grads(module, shard_batch(make_batch(device), sp), world, bf16)
+        module = build(attn, device, plan)
+        loss_sum, grads = loss_and_grads(module, shard_batch(make_batch(device), plan.sequence_parallel), world, bf16)
         dist.all_reduce(loss_sum)
         for grad in grads.values():
             dist.all_reduce(grad)
@@ -89,7 +97,7 @@ def test_nccl_sequence_parallel_equals_one_gpu(tmp_path):
         if attn == "flash" and not _has_flash():
             continue
         got = torch.load(tmp_path / f"{attn}.pt")
-        loss_sum, grads = loss_and_grads(build(1, attn, device), make_batch(device), 1, bf16)
+        loss_sum, grads = loss_and_grads(build(attn, device), make_batch(device), 1, bf16)
         if not bf16:
             assert abs(got["loss_sum"].item() - loss_sum.item()) / loss_sum.item() <= 1e-5
             diff = max((got["grads"][k] - g.cpu()).abs().max().item() for k, g in grads.items())

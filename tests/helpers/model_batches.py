@@ -1,6 +1,6 @@
 """Packed micro-batches built by hand, exactly as the DataModule's collate must produce them.
 
-The contract (docs/batch-contract.md, Fields):
+The contract (docs/batch-contract.md, Fields), a `PackedBatch`:
 
     input_ids int64 (B, L), labels int64 (B, L) unshifted with -100 on every document's first token and where
     loss_mask == 0, position_ids int64 (B, L) restarting at 0 per document, cu_seq_lens int32 over the
@@ -15,7 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from prolong_lit.constants import IGNORE_INDEX
+from prolong_lit.data.format import PackedBatch
+
+__all__ = ["IGNORE_INDEX", "concat_rows", "make_packed_batch", "random_doc_lengths", "share_step"]
 
 
 def make_packed_batch(
@@ -26,7 +29,7 @@ def make_packed_batch(
     domain_ids: Sequence[int] | None = None,
     sample_index: Sequence[int] | None = None,
     step_loss_tokens: int | None = None,
-) -> dict[str, torch.Tensor | int]:
+) -> PackedBatch:
     """A micro-batch of B rows; row b holds documents of lengths doc_lengths_per_row[b] (all rows the same sum).
 
     Token ids are uniform in [0, vocab) from `seed`. `loss_mask` (per row, 0/1 per token) marks the tokens that
@@ -50,21 +53,18 @@ def make_packed_batch(
     flat = [n for row in lengths for n in row]
     cu_seq_lens = torch.tensor([0, *np.cumsum(flat)], dtype=torch.int32)  # (num_docs + 1,)
     loss_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "cu_seq_lens": cu_seq_lens,
-        "max_seqlen": max(flat),
-        "domain_ids": torch.as_tensor(domain_ids if domain_ids is not None else [0] * batch, dtype=torch.int64),
-        "sample_index": torch.as_tensor(
-            sample_index if sample_index is not None else range(batch), dtype=torch.int64
-        ),
-        "loss_tokens": torch.tensor(loss_tokens, dtype=torch.int64),
-        "step_loss_tokens": torch.tensor(
-            loss_tokens if step_loss_tokens is None else step_loss_tokens, dtype=torch.int64
-        ),
-    }
+    return PackedBatch(
+        input_ids=input_ids,
+        labels=labels,
+        position_ids=position_ids,
+        cu_seq_lens=cu_seq_lens,
+        max_seqlen=max(flat),
+        domain_ids=torch.as_tensor(domain_ids if domain_ids is not None else [0] * batch, dtype=torch.int64),
+        sample_index=torch.as_tensor(sample_index if sample_index is not None else range(batch), dtype=torch.int64),
+        loss_tokens=torch.tensor(loss_tokens, dtype=torch.int64),
+        step_loss_tokens=torch.tensor(loss_tokens if step_loss_tokens is None else step_loss_tokens,
+                                      dtype=torch.int64),
+    )
 
 
 def random_doc_lengths(rows: int, row_len: int, max_docs: int, seed: int) -> list[list[int]]:
@@ -78,25 +78,29 @@ def random_doc_lengths(rows: int, row_len: int, max_docs: int, seed: int) -> lis
     return out
 
 
-def share_step(batches: list[dict]) -> list[dict]:
+def share_step(batches: list[PackedBatch]) -> list[PackedBatch]:
     """Micro-batches of one optimizer step: each carries the step's total loss tokens as step_loss_tokens."""
-    total = sum(int(b["loss_tokens"]) for b in batches)
-    for b in batches:
-        b["step_loss_tokens"] = torch.tensor(total, dtype=torch.int64)
-    return batches
+    total = sum(int(b.loss_tokens) for b in batches)
+    return [b.replace(step_loss_tokens=torch.tensor(total, dtype=torch.int64)) for b in batches]
 
 
-def concat_rows(batches: list[dict]) -> dict:
+def concat_rows(batches: list[PackedBatch]) -> PackedBatch:
     """One micro-batch holding all rows of `batches` (same row length), cu_seq_lens re-offset."""
-    row_len = batches[0]["input_ids"].shape[1]
-    out = {key: torch.cat([b[key] for b in batches]) for key in
-           ("input_ids", "labels", "position_ids", "domain_ids", "sample_index")}
+    row_len = batches[0].input_ids.shape[1]
     cus, offset = [torch.zeros(1, dtype=torch.int32)], 0
     for b in batches:
-        cus.append(b["cu_seq_lens"][1:] + offset)
-        offset += b["input_ids"].shape[0] * row_len
-    out["cu_seq_lens"] = torch.cat(cus)
-    out["max_seqlen"] = max(int(b["max_seqlen"]) for b in batches)
-    out["loss_tokens"] = torch.tensor(int((out["labels"][:, 1:] != IGNORE_INDEX).sum()), dtype=torch.int64)
-    out["step_loss_tokens"] = out["loss_tokens"].clone()
-    return out
+        cus.append(b.cu_seq_lens[1:] + offset)
+        offset += b.input_ids.shape[0] * row_len
+    labels = torch.cat([b.labels for b in batches])
+    loss_tokens = torch.tensor(int((labels[:, 1:] != IGNORE_INDEX).sum()), dtype=torch.int64)
+    return PackedBatch(
+        input_ids=torch.cat([b.input_ids for b in batches]),
+        labels=labels,
+        position_ids=torch.cat([b.position_ids for b in batches]),
+        cu_seq_lens=torch.cat(cus),
+        max_seqlen=max(int(b.max_seqlen) for b in batches),
+        domain_ids=torch.cat([b.domain_ids for b in batches]),
+        sample_index=torch.cat([b.sample_index for b in batches]),
+        loss_tokens=loss_tokens,
+        step_loss_tokens=loss_tokens.clone(),
+    )

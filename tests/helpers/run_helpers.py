@@ -1,4 +1,9 @@
-"""Shared by the run-level tests: the demo config pointed at tiny data, and readers for what a run wrote."""
+"""Shared by the run-level tests: the demo config pointed at tiny data, and readers for what a run wrote.
+
+A run made from `demo_config(tmp_path, data_dir, run, ...)` keeps everything under its root directory
+`tmp_path / run` (trainer.default_root_dir): the TensorBoard events and the saved config in `<root>/logs`, the
+checkpoints in `<root>/checkpoints`, the per-rank sample logs in `<root>/samples`.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +18,22 @@ REPO = Path(__file__).resolve().parents[2]
 DOMAINS = {"code_repos": 24, "prose": 24, "docstrings": 24}
 SEQ_LEN = 128
 MICRO_BATCH = 2
+LOGS = "logs"  # the default logger's folder under trainer.default_root_dir (prolong_lit.cli)
+CHECKPOINTS = "checkpoints"  # where a ModelCheckpoint without dirpath writes, under trainer.default_root_dir
 
 
 def demo_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int, stop_at: int | None = None) -> Path:
-    """The demo pretrain config, pointed at tiny data and a run directory under tmp_path."""
+    """The demo pretrain config, pointed at tiny data, its run directory (default_root_dir) `tmp_path / run`."""
     config = yaml.safe_load((REPO / "configs/demo/pretrain.yaml").read_text())
     trainer = config["trainer"]
-    trainer.update(max_steps=max_steps, val_check_interval=4, limit_val_batches=2, log_every_n_steps=1)
-    trainer["logger"]["init_args"].update(save_dir=str(tmp_path / "runs"), name=run, version=0)
+    trainer.update(max_steps=max_steps, val_check_interval=4, limit_val_batches=2, log_every_n_steps=1,
+                   default_root_dir=str(run_dir(tmp_path, run)))
     checkpoint, *others = trainer["callbacks"]
-    checkpoint["init_args"].update(dirpath=str(tmp_path / run / "checkpoints"), every_n_train_steps=2)
+    checkpoint["init_args"].update(every_n_train_steps=2)
     others.append(
         {
             "class_path": "prolong_lit.callbacks.sample_log.SampleIndexLog",
-            "init_args": {"dirpath": str(tmp_path / run / "samples")},
+            "init_args": {"dirpath": str(run_dir(tmp_path, run) / "samples")},
         }
     )
     if stop_at is not None:
@@ -40,7 +47,13 @@ def demo_config(tmp_path: Path, data_dir: Path, run: str, max_steps: int, stop_a
     return path
 
 
+def run_dir(tmp_path: Path, run: str) -> Path:
+    """The root directory (trainer.default_root_dir) of the run `demo_config(tmp_path, ..., run, ...)` makes."""
+    return tmp_path / run
+
+
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files under `log_dir`: a run's root directory or its `logs` folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict[str, list[tuple[int, float]]] = {}
@@ -53,10 +66,12 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def final_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a single-file checkpoint (e.g. `<root>/checkpoints/last.ckpt`)."""
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
 
 
 def seen_samples(samples_dir: Path) -> list[int]:
+    """The sample indices rank 0 trained on, in order (SampleIndexLog's `<root>/samples`)."""
     lines = (samples_dir / "rank0.jsonl").read_text().splitlines()
     return [i for line in lines for i in json.loads(line)["sample_index"]]
 

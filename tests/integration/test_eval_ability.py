@@ -31,6 +31,7 @@ against 0-2.5% by chance.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -48,6 +49,8 @@ from prolong_lit.evals.helmet import build_helmet_example, load_helmet_task
 from prolong_lit.evals.helmet_files import KILT_K, RAG_FILES
 from prolong_lit.evals.registry import TASKS
 from prolong_lit.model.module import LongContextLM
+from prolong_lit.model.optim import AdamW, WarmupCosine
+from prolong_lit.model.settings import LlamaSettings
 from tests.helpers.data_factory import write_domains
 
 pytestmark = pytest.mark.slow
@@ -162,20 +165,16 @@ def test_trained_model_scores_far_above_untrained(tmp_path):
     write_domains(tmp_path / "data", {"rag": (rows.__getitem__, len(rows), True)}, SEQ_LEN, len(tokenizer),
                   tokenizer="test-words", chunk_bytes="1MB")
     seed_everything(0)
+    overrides = {
+        "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+    }
     module = LongContextLM(
-        model="tiny",
-        model_overrides={
-            "vocab_size": len(tokenizer), "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
-            "num_key_value_heads": 4, "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-        },
-        rope_theta=10000.0,
-        max_position_embeddings=512,
+        llama=LlamaSettings(name_or_path="tiny", overrides=overrides, rope_theta=10000.0, max_position_embeddings=512),
         seq_len=SEQ_LEN,
-        lr=2e-3,
-        weight_decay=0.0,
-        warmup_steps=20,
-        min_lr_ratio=0.1,
+        optimizer=functools.partial(AdamW, lr=2e-3, weight_decay=0.0),
+        scheduler=functools.partial(WarmupCosine, warmup_steps=20, min_lr_ratio=0.1),
     )
     data = MixtureDataModule(str(tmp_path / "data"), {"rag": 1.0}, seq_len=SEQ_LEN, micro_batch_size=16,
                              val_samples_per_domain=0, num_workers=0)

@@ -8,6 +8,7 @@ Lightning's launcher starts rank 1 by running the same command again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -23,6 +24,8 @@ from prolong_lit.checkpoint import export_hf, load_checkpoint_state
 from prolong_lit.commands.export import main
 from prolong_lit.data.datamodule import MixtureDataModule
 from prolong_lit.model.module import LongContextLM
+from prolong_lit.model.optim import AdamW
+from prolong_lit.model.settings import LlamaSettings
 
 SEQ_LEN = 64
 DOMAINS = {"books": 10, "code": 10}
@@ -32,7 +35,8 @@ REPO = Path(__file__).resolve().parents[2]  # the launched scripts get it on PYT
 
 
 def build_module(cls: type[LongContextLM] = LongContextLM) -> LongContextLM:
-    return cls(model="tiny", rope_theta=ROPE_THETA, max_position_embeddings=MAX_POSITIONS, seq_len=SEQ_LEN, lr=3e-3)
+    llama = LlamaSettings(name_or_path="tiny", rope_theta=ROPE_THETA, max_position_embeddings=MAX_POSITIONS)
+    return cls(llama=llama, seq_len=SEQ_LEN, optimizer=functools.partial(AdamW, lr=3e-3))
 
 
 def build_data(data_dir: Path) -> MixtureDataModule:
@@ -69,8 +73,8 @@ def trained(tmp_path_factory, data_dir) -> tuple[LongContextLM, Path]:
 
 def documents(batch: dict) -> list[tuple[int, int, int]]:
     """(row, start, end) of every document of a packed micro-batch, from its cu_seq_lens."""
-    length = batch["input_ids"].shape[1]
-    bounds = batch["cu_seq_lens"].tolist()
+    length = batch.input_ids.shape[1]
+    bounds = batch.cu_seq_lens.tolist()
     return [(start // length, start % length, start % length + end - start) for start, end in zip(bounds, bounds[1:])]
 
 
@@ -100,7 +104,7 @@ def test_round_trip_gives_the_module_logits_and_the_trained_rope(
         packed = module.model.lm_head(module(batch))  # (B, L, V)
         diffs = []
         for row, start, end in docs:
-            alone = hf(input_ids=batch["input_ids"][row : row + 1, start:end]).logits[0]  # (n, V)
+            alone = hf(input_ids=batch.input_ids[row : row + 1, start:end]).logits[0]  # (n, V)
             diffs.append((alone - packed[row, start:end]).abs().max().item())
     assert max(diffs) <= 1e-5, diffs
     assert packed.std() > 0.1  # logits of a real model, not a degenerate all-equal output

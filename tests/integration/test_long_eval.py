@@ -18,7 +18,7 @@ from prolong_lit.commands.eval import main as eval_main
 from prolong_lit.commands.eval import settings_from_yaml
 from prolong_lit.evals import EvalSettings
 from tests.helpers.data_factory import write_prepared
-from tests.helpers.run_helpers import DOMAINS, REPO, SEQ_LEN, demo_config, read_scalars
+from tests.helpers.run_helpers import CHECKPOINTS, DOMAINS, LOGS, REPO, SEQ_LEN, demo_config, read_scalars, run_dir
 
 BUNDLE = REPO / "callbacks" / "long_eval.yaml"
 # Short prompts, few tokens: a nearly random model never stops, so generation length is what costs.
@@ -74,7 +74,7 @@ def test_bundle_holds_a_complete_evaluation_setting():
 def test_callback_logs_scalars_pictures_and_reports_and_eval_command_agrees(tmp_path, data_dir, llama3_tokenizer_dir):
     config = demo_config(tmp_path, data_dir, "ev", max_steps=4)
     main(fit_args(config, **EVAL_ARGS))
-    log_dir = tmp_path / "runs" / "ev" / "version_0"
+    log_dir = run_dir(tmp_path, "ev") / LOGS
 
     # scalars at step 3 (every_n_steps) and 4 (end of fit), one per task@length plus the category average
     scalars = read_scalars(log_dir)
@@ -108,7 +108,7 @@ def test_callback_logs_scalars_pictures_and_reports_and_eval_command_agrees(tmp_
 
     # the eval command on the saved checkpoint (same step as the last evaluation) gives the same evaluation:
     # settings from the run's saved config, then from the callback state stored in the checkpoint
-    checkpoint = tmp_path / "ev" / "checkpoints" / "last.ckpt"
+    checkpoint = run_dir(tmp_path, "ev") / CHECKPOINTS / "last.ckpt"
     assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == 4
     eval_main(["--model", str(checkpoint), "--config", str(log_dir / "config.yaml"), "--output", str(tmp_path / "c1")])
     same_evaluation(read_report(tmp_path / "c1"), final)
@@ -168,12 +168,12 @@ def test_bad_settings_fail_in_setup_before_training(tmp_path, data_dir, case):
         args.update(tasks=["helmet_json_kv"], lengths=[1024], helmet_dir=str(helmet))
         error, match = ValueError, r"(?s)LongContextEval\.settings\.helmet_dir: .*k50_dep6\.jsonl:2: field 'question'"
     else:
-        extra = ["--model.init_args.model_overrides", '{"vocab_size": 1000}']
+        extra = ["--model.init_args.llama.overrides", '{"vocab_size": 1000}']
         error, match = ValueError, r"LongContextEval\.tokenizer: the tokenizer has 128256 tokens .* vocab_size is 1000"
     with pytest.raises(error, match=match):
         main(fit_args(demo_config(tmp_path, data_dir, "bad", max_steps=2), **args) + extra)
-    assert not (tmp_path / "bad" / "checkpoints").exists()  # no training step ran
-    assert not list((tmp_path / "runs").rglob("evals"))
+    assert not (run_dir(tmp_path, "bad") / CHECKPOINTS).exists()  # no training step ran
+    assert not list(run_dir(tmp_path, "bad").rglob("evals"))
 
 
 @pytest.mark.distributed
@@ -186,8 +186,8 @@ def test_two_process_evaluation_matches_one_process(tmp_path, data_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    two_ranks = read_report(tmp_path / "runs" / "ddp" / "version_0" / "evals" / "step000002")
+    two_ranks = read_report(run_dir(tmp_path, "ddp") / LOGS / "evals" / "step000002")
     assert two_ranks["generation"]["sequences"] == 12
 
-    eval_main(["--model", str(tmp_path / "ddp" / "checkpoints" / "last.ckpt"), "--output", str(tmp_path / "one")])
+    eval_main(["--model", str(run_dir(tmp_path, "ddp") / CHECKPOINTS / "last.ckpt"), "--output", str(tmp_path / "one")])
     same_evaluation(read_report(tmp_path / "one"), two_ranks)

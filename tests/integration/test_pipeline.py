@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from prolong_lit.pipeline import FINAL_CHECKPOINT, MARKER, resume_checkpoint, run_pipeline
-from prolong_lit.pipeline_config import load_pipeline_config
+from prolong_lit.pipeline.config import load_pipeline_config
+from prolong_lit.pipeline.run import FINAL_CHECKPOINT, MARKER, resume_checkpoint, run_pipeline
 from tests.helpers.data_factory import write_prepared
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,10 @@ SEQ_LEN, MICRO_BATCH, LR = 128, 2, 1e-3
 
 
 def phase(name: str, steps: int, data_dir: Path, probes: Path, **extra) -> dict:
-    """A phase: the demo pretrain config on tiny data, checkpointing every 2 steps, plus a probe callback."""
+    """A phase: the demo pretrain config on tiny data, checkpointing every 2 steps, plus a probe callback.
+
+    Its one ModelCheckpoint keeps save_last and has no dirpath: it writes to `<run_dir>/<phase>/checkpoints`, the
+    phase's default_root_dir, where the pipeline resumes an interrupted phase from."""
     overrides = {
         "trainer.max_steps": steps,
         "trainer.val_check_interval": steps,
@@ -32,7 +35,7 @@ def phase(name: str, steps: int, data_dir: Path, probes: Path, **extra) -> dict:
         "trainer.callbacks": [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "filename": "step{step}",
-                          "auto_insert_metric_name": False}},
+                          "auto_insert_metric_name": False, "save_last": True}},
             {"class_path": "prolong_lit.callbacks.tokens.TokenAccounting"},
         ],
         "data.init_args.data_dir": str(data_dir),
@@ -41,8 +44,8 @@ def phase(name: str, steps: int, data_dir: Path, probes: Path, **extra) -> dict:
         "data.init_args.val_samples_per_domain": 2,
         "data.init_args.num_workers": 0,
         "data.init_args.weights": {"code": 0.5, "docs": 0.5},
-        "model.init_args.lr": LR,
-        "model.init_args.warmup_steps": 2,
+        "model.init_args.optimizer.init_args.lr": LR,
+        "model.init_args.scheduler.init_args.warmup_steps": 2,
         **extra.pop("overrides", {}),
     }
     probe = {"class_path": "tests.helpers.pipeline_helpers.OptimizerProbe",
@@ -68,7 +71,8 @@ def run(tmp_path_factory, llama3_tokenizer_dir):
     def pipeline(crash: bool, name: str) -> Path:
         crash_at = {"class_path": "tests.helpers.pipeline_helpers.CrashAtStep", "init_args": {"step": 2}}
         crashes = [crash_at] if crash else []
-        stage2 = {"overrides": {"model.init_args.rope_theta": 1.28e8}, "carry_optimizer": True, "callbacks": crashes}
+        stage2 = {"overrides": {"model.init_args.llama.rope_theta": 1.28e8}, "carry_optimizer": True,
+                  "callbacks": crashes}
         phases = [phase("a", 3, data_dir, probes / name), phase("b", 4, data_dir, probes / name, **stage2)]
         return write_pipeline(root / f"{name}.yaml", run_dir, phases)
 
@@ -147,7 +151,7 @@ def test_carrying_into_a_different_model_fails_before_training(run):
     phases = [
         phase("a", 3, Path("unused"), run["probes"] / "third"),
         phase("c", 2, run["root"] / "data", run["probes"] / "third", carry_optimizer=True, init_from="a",
-              overrides={"model.init_args.model_overrides": {"num_hidden_layers": 1}}),
+              overrides={"model.init_args.llama.overrides": {"num_hidden_layers": 1}}),
     ]
     path = write_pipeline(run["root"] / "third.yaml", run["run_dir"], phases)
     with pytest.MonkeyPatch.context() as patch:

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prolong_lit.commands.prepare import main, parse_config
+from prolong_lit.commands.prepare import main
 from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, Manifest
-from prolong_lit.data.prepare import DomainConfig, PrepareConfig, prepare, validate
+from prolong_lit.data.prepare import DomainConfig, PrepareConfig, parse_config, prepare, validate
 from prolong_lit.data.sources import SourceConfig
 
 SEQ_LEN = 64

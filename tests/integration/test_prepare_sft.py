@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prolong_lit.commands.prepare import parse_config
 from prolong_lit.data.collate import IGNORE_INDEX, collate_samples
 from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK, Manifest
 from prolong_lit.data.packing import shuffled_order
-from prolong_lit.data.prepare import DomainConfig, PrepareConfig, prepare, validate
+from prolong_lit.data.prepare import DomainConfig, PrepareConfig, parse_config, prepare, validate
 from prolong_lit.data.sources import SourceConfig
 
 SEQ_LEN = 128
@@ -134,12 +133,12 @@ def test_labels_are_exactly_the_assistant_tokens_and_documents_are_conversations
             pos += length
         assert pos == SEQ_LEN and sample[LOSS_MASK].dtype == np.uint8
         labels.append(row_labels)
-    assert batch["labels"].tolist() == labels
+    assert batch.labels.tolist() == labels
     # attention boundaries (cu_seq_lens over the flattened rows) are exactly the conversation starts
-    assert batch["cu_seq_lens"].tolist() == flat_starts + [len(samples) * SEQ_LEN]
-    assert (batch["input_ids"].flatten()[flat_starts] == BOS).all()
+    assert batch.cu_seq_lens.tolist() == flat_starts + [len(samples) * SEQ_LEN]
+    assert (batch.input_ids.flatten()[flat_starts] == BOS).all()
     starts = np.array(flat_starts)
-    assert (batch["position_ids"].flatten()[starts] == 0).all() and batch["position_ids"].flatten()[1:].ne(0).sum() == (
+    assert (batch.position_ids.flatten()[starts] == 0).all() and batch.position_ids.flatten()[1:].ne(0).sum() == (
         len(samples) * SEQ_LEN - len(flat_starts)
     )
     assert multi_turn_rows == 1 and truncated > 0  # the multi-turn example is written whole; some rows cut one
@@ -148,7 +147,7 @@ def test_labels_are_exactly_the_assistant_tokens_and_documents_are_conversations
         "truncated_remainder": truncated,
         "final_partial_sample": sum(len(ids) for ids, _ in queue),
     }
-    assert int(batch["loss_tokens"]) == sum(lab != IGNORE_INDEX for row in labels for lab in row[1:])
+    assert int(batch.loss_tokens) == sum(lab != IGNORE_INDEX for row in labels for lab in row[1:])
 
 
 def test_too_long_conversations_are_dropped_and_counted(built, llama3_tokenizer):

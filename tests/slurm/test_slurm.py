@@ -1,7 +1,9 @@
 """The sbatch template on a real Slurm (2 emulated nodes x 1 task, CPU, FSDP2 over gloo): training, auto-requeue.
 
 Needs a running cluster: `make test-slurm`, or `scripts/slurm/local_cluster.sh up` first; skipped otherwise.
-Two jobs run side by side from the same config: one straight through, one sent SIGUSR1 with
+Each job gets two config files, as the FSDP2 demo runs (`--config pretrain.yaml --config pretrain-fsdp.yaml`): the
+demo config on tiny data, then the FSDP2 demo's delta (its FSDP2Strategy).
+Two jobs run side by side from the same configs: one straight through, one sent SIGUSR1 with
 `scancel --signal=USR1` after STOP optimizer steps, so that the SlurmRequeue callback (added by ProLongCLI in
 every Slurm job) checkpoints at the step boundary on both ranks (`hpc_ckpt_1.ckpt`), requeues the job, and the
 requeued job resumes from that checkpoint (Lightning's own resume). Both must train on the
@@ -24,13 +26,13 @@ import torch
 import yaml
 
 from tests.helpers.data_factory import write_prepared
-from tests.helpers.run_helpers import DOMAINS, MICRO_BATCH, REPO, SEQ_LEN, demo_config
+from tests.helpers.run_helpers import CHECKPOINTS, DOMAINS, MICRO_BATCH, REPO, SEQ_LEN, demo_config, run_dir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
 
 TEMPLATE = REPO / "scripts" / "slurm" / "train.sbatch"
 LOCAL_CONF = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/prolong_lit-slurm")) / "slurm.conf"
-# The job trains the demo sharded as in the FSDP2 demo: its strategy (FSDP2Strategy) and model settings.
+# The job trains the demo sharded as in the FSDP2 demo: its delta file (FSDP2Strategy) after the demo config.
 SHARDED_DEMO = REPO / "configs" / "demo" / "pretrain-fsdp.yaml"
 NODES, STEPS, STOP = 2, 6, 5  # STOP after the validation at step 4: its workers exist too
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -68,19 +70,17 @@ def _pid_alive(pid_file: Path) -> bool:
 
 
 class Job:
-    """One sbatch submission of the template with the demo config on tiny data, and what it wrote."""
+    """One sbatch submission of the template with the demo config on tiny data + the FSDP2 delta, and what it
+    wrote."""
 
     def __init__(self, tmp_path: Path, data_dir: Path, name: str, conf: Path, hold_at: int | None = None) -> None:
         self.name = name
-        self.dir = tmp_path / name  # trainer.default_root_dir (hpc_ckpt_*), checkpoints/, samples/
+        self.dir = run_dir(tmp_path, name)  # trainer.default_root_dir (hpc_ckpt_*), logs/, checkpoints/, samples/
         self.output = tmp_path / f"{name}.out"
         self.markers = tmp_path / f"{name}-held"
         self.scratch = tmp_path
         config_path = demo_config(tmp_path, data_dir, name, max_steps=STEPS)
         config = yaml.safe_load(config_path.read_text())
-        sharded = yaml.safe_load(SHARDED_DEMO.read_text())
-        config["trainer"]["strategy"] = sharded["trainer"]["strategy"]
-        config["model"]["init_args"].update(sharded["model"]["init_args"])
         checkpoint = config["trainer"]["callbacks"][0]
         checkpoint["init_args"]["every_n_train_steps"] = STEPS  # only the final state is compared
         if hold_at is not None:
@@ -98,10 +98,14 @@ class Job:
             PYTHONPATH=str(REPO),
             OMP_NUM_THREADS="1",
         )
-        # The GPU template on CPU nodes: command-line options override its #SBATCH lines.
+        # The GPU template on CPU nodes: command-line options override its #SBATCH lines. Its arguments: the config
+        # files in order (the template passes each as --config; the sbatch sets the topology and the run directory,
+        # PROLONG_LIT_RUN_DIR, after them), then a fit argument: the FSDP2 delta's micro-batch of 1 row per rank
+        # back to the demo config's MICRO_BATCH, which the sample checks below count with.
         command = ["sbatch", "--parsable", f"--job-name=prolong-lit-test-{name}", f"--nodes={NODES}",
                    "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
-                   f"--output={self.output}", str(TEMPLATE), str(config_path)]
+                   f"--output={self.output}", str(TEMPLATE), str(config_path), str(SHARDED_DEMO),
+                   f"--data.init_args.micro_batch_size={MICRO_BATCH}"]
         submitted = subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60)
         assert submitted.returncode == 0, submitted.stderr
         self.id = submitted.stdout.strip().split(";")[0]
@@ -217,8 +221,8 @@ def test_sbatch_trains_across_nodes_and_resumes_exactly_after_requeue(tmp_path):
     assert [requeued.samples(r) for r in range(NODES)] == [straight.samples(r) for r in range(NODES)]
 
     # The same final state: weights, AdamW moments and steps, LR schedule, data stream position.
-    want = straight.checkpoint(straight.dir / "checkpoints" / "last.ckpt")
-    got = requeued.checkpoint(requeued.dir / "checkpoints" / "last.ckpt")
+    want = straight.checkpoint(straight.dir / CHECKPOINTS / "last.ckpt")
+    got = requeued.checkpoint(requeued.dir / CHECKPOINTS / "last.ckpt")
     assert got["global_step"] == want["global_step"] == STEPS
     want_state, got_state = _trained_state(want), _trained_state(got)
     assert want_state.keys() == got_state.keys() and any("exp_avg" in key for key in want_state)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from prolong_lit.data.format import PackedBatch
 from prolong_lit.model.module import LongContextLM
+from prolong_lit.model.settings import KernelSettings, LlamaSettings
 from tests.helpers.memory_probe import LargestTensor
 from tests.helpers.model_batches import make_packed_batch
 from tests.helpers.tiny_model import OVERRIDES, VOCAB, eager_copy
@@ -18,19 +20,19 @@ DOC_LENGTHS = [[40, 1, 30, 25], [96], [10, 50, 36]]
 
 def build_module(attn: str, block: int = 8, **kwargs) -> LongContextLM:
     torch.manual_seed(0)
-    module = LongContextLM(model="tiny", model_overrides=OVERRIDES, attn_implementation=attn,
-                           docmask_block_size=block, **kwargs)
+    module = LongContextLM(llama=LlamaSettings(overrides=OVERRIDES),
+                           kernels=KernelSettings(attn_implementation=attn, docmask_block_size=block), **kwargs)
     module.configure_model()
     return module.eval()
 
 
-def per_document_logits(reference: LlamaForCausalLM, batch: dict, doc_lengths) -> torch.Tensor:
+def per_document_logits(reference: LlamaForCausalLM, batch: PackedBatch, doc_lengths) -> torch.Tensor:
     """Logits (B, L, V) with every document run alone through the reference model."""
     rows = []
     for row, lengths in enumerate(doc_lengths):
         start, pieces = 0, []
         for n in lengths:
-            pieces.append(reference(input_ids=batch["input_ids"][row : row + 1, start : start + n]).logits[0])
+            pieces.append(reference(input_ids=batch.input_ids[row : row + 1, start : start + n]).logits[0])
             start += n
         rows.append(torch.cat(pieces))
     return torch.stack(rows)
@@ -66,8 +68,8 @@ def test_docmask_gradients_equal_eager_per_document():
 def test_documents_are_isolated():
     module = build_module("docmask", block=8)
     batch = make_packed_batch(DOC_LENGTHS, VOCAB, seed=5)
-    changed = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}
-    changed["input_ids"][0, :40] = (changed["input_ids"][0, :40] + 1) % VOCAB  # rewrite row 0's first document
+    changed = batch.replace(input_ids=batch.input_ids.clone())
+    changed.input_ids[0, :40] = (changed.input_ids[0, :40] + 1) % VOCAB  # rewrite row 0's first document
     with torch.no_grad():
         before, after = module(batch), module(changed)
     assert not torch.allclose(before[0, :40], after[0, :40])  # the rewritten document itself changes
@@ -80,7 +82,7 @@ def test_packed_position_ids_without_cu_seq_lens_stay_isolated():
     batch = make_packed_batch(DOC_LENGTHS, VOCAB, seed=6)
     with torch.no_grad():
         with_cu = module(batch)
-        without = module.model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+        without = module.model.model(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state
     assert (with_cu - without).abs().max().item() <= 1e-6
 
 
@@ -129,8 +131,9 @@ def test_largest_tensor_check_catches_transformers_dense_mask():
 
 
 def test_attn_implementation_errors():
-    with pytest.raises(ValueError, match=r"model\.attn_implementation: 'flash_attention_3' is unknown"):
-        LongContextLM(model="tiny", attn_implementation="flash_attention_3")
+    with pytest.raises(ValueError, match=r"model\.kernels\.attn_implementation: 'flash_attention_3' is unknown"):
+        LongContextLM(kernels=KernelSettings(attn_implementation="flash_attention_3"))
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"model\.attn_implementation: 'flash' needs the flash-attn package"):
-            LongContextLM(model="tiny", attn_implementation="flash")
+        with pytest.raises(ValueError,
+                           match=r"model\.kernels\.attn_implementation: 'flash' needs the flash-attn package"):
+            LongContextLM(kernels=KernelSettings(attn_implementation="flash"))

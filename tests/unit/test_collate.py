@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
 
 from prolong_lit.data.collate import collate_samples, sample_loss_tokens
+from prolong_lit.data.format import PackedBatch
 from tests.helpers.data_factory import make_sample
 
 
@@ -33,16 +36,19 @@ def test_collate_matches_hand_built_batch():
         "loss_tokens": torch.tensor(7),
         "step_loss_tokens": torch.tensor(100),
     }
-    assert set(batch) == set(expected) | {"max_seqlen"}
+    assert isinstance(batch, PackedBatch)
+    # the collated fields; the sequence-parallel flags keep their defaults (a whole, unshifted batch)
+    assert {f.name for f in fields(batch)} == set(expected) | {"max_seqlen", "labels_shifted", "sequence_exchange"}
+    assert (batch.labels_shifted, batch.sequence_exchange) == (False, False)
     for key, value in expected.items():
-        assert batch[key].dtype == value.dtype, key
-        assert torch.equal(batch[key], value), key
-    assert batch["max_seqlen"] == 4 and isinstance(batch["max_seqlen"], int)
+        assert getattr(batch, key).dtype == value.dtype, key
+        assert torch.equal(getattr(batch, key), value), key
+    assert batch.max_seqlen == 4 and isinstance(batch.max_seqlen, int)
 
 
 def test_validation_batch_carries_its_own_loss_tokens():
     batch = collate_samples(_hand_samples(), domain_ids=[1, 0], sample_index=[0, 1])
-    assert int(batch["step_loss_tokens"]) == int(batch["loss_tokens"]) == 7
+    assert int(batch.step_loss_tokens) == int(batch.loss_tokens) == 7
 
 
 def test_sample_loss_tokens_matches_a_position_by_position_count():
@@ -53,9 +59,9 @@ def test_sample_loss_tokens_matches_a_position_by_position_count():
         expected = sum(1 for t in range(1, 97) if t not in starts and mask[t] == 1)
         assert sample_loss_tokens(row) == expected
     batch = collate_samples(rows, domain_ids=[0] * 20, sample_index=list(range(20)))
-    assert int(batch["loss_tokens"]) == sum(sample_loss_tokens(r) for r in rows)
-    assert batch["cu_seq_lens"][-1] == 20 * 97
-    assert batch["max_seqlen"] == max(int(r["doc_lengths"].max()) for r in rows)
+    assert int(batch.loss_tokens) == sum(sample_loss_tokens(r) for r in rows)
+    assert batch.cu_seq_lens[-1] == 20 * 97
+    assert batch.max_seqlen == max(int(r["doc_lengths"].max()) for r in rows)
 
 
 def test_collate_rejects_corrupt_samples():

@@ -1,4 +1,5 @@
-"""Every YAML in configs/ and callbacks/ parses; the demo ones instantiate."""
+"""Every YAML in configs/ and callbacks/ parses, fit configs in the combinations that are run (a base alone or
+with one delta file, as the pipelines list them); the demo instantiates, its files under its root directory."""
 
 from __future__ import annotations
 
@@ -10,12 +11,23 @@ import pytest
 import yaml
 
 from prolong_lit.cli import ProLongCLI
-from prolong_lit.commands.prepare import parse_config
-from prolong_lit.data.prepare import PrepareConfig
+from prolong_lit.data.prepare import PrepareConfig, parse_config
+from prolong_lit.pipeline.config import load_pipeline_config
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 CALLBACK_BUNDLES = sorted((REPO / "callbacks").glob("*.yaml"))
+DEMO = "configs/demo/pretrain.yaml"
+RECIPE_BASE = "configs/prolong-8b/base.yaml"
+# every fit run the repository documents: `fit --config <file> [--config <file>]`, files merged in order
+FIT_RUNS = {
+    "demo": [DEMO],
+    "demo-fsdp": [DEMO, "configs/demo/pretrain-fsdp.yaml"],
+    "demo-sft": [DEMO, "configs/demo/sft.yaml"],
+    "prolong-8b-stage1-64k": [RECIPE_BASE, "configs/prolong-8b/stage1-64k.yaml"],
+    "prolong-8b-stage2-512k": [RECIPE_BASE, "configs/prolong-8b/stage2-512k.yaml"],
+    "prolong-8b-sft": [RECIPE_BASE, "configs/prolong-8b/sft.yaml"],
+}
 
 
 def is_data_spec(path: Path) -> bool:
@@ -47,14 +59,32 @@ def print_config(args: list[str]) -> dict:
     return yaml.safe_load(out.getvalue())
 
 
-@pytest.mark.parametrize(
-    "path", [p for p in CONFIGS if not is_data_spec(p) and not is_pipeline(p)], ids=lambda p: p.name
-)
-def test_fit_config_parses(path):
-    config = print_config(["--config", str(path)])
+def config_args(files: list[str]) -> list[str]:
+    return [arg for file in files for arg in ("--config", str(REPO / file))]
+
+
+def test_every_fit_config_is_in_a_tested_run():
+    fit_files = {p.relative_to(REPO).as_posix() for p in CONFIGS if not is_data_spec(p) and not is_pipeline(p)}
+    assert fit_files == {file for files in FIT_RUNS.values() for file in files}
+
+
+@pytest.mark.parametrize("files", FIT_RUNS.values(), ids=FIT_RUNS.keys())
+def test_fit_config_parses(files):
+    config = print_config(config_args(files))
     assert config["model"]["class_path"] and config["data"]["class_path"]
-    # the model trains at the length the data was packed to (interpolated in the YAML)
-    assert config["model"]["init_args"]["seq_len"] == config["data"]["init_args"]["seq_len"]
+    # the model trains at the length the data was packed to: no config sets model.seq_len, which then follows
+    # data.seq_len at set-up (test_demo_config_instantiates)
+    assert config["model"]["init_args"]["seq_len"] is None
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if is_pipeline(p)], ids=lambda p: p.parent.name)
+def test_pipeline_phases_are_tested_runs(path, monkeypatch):
+    """Every phase of a pipeline file merges one of the combinations parsed above (each phase's complete
+    config, overrides included, is parsed in test_recipe_configs.py)."""
+    monkeypatch.chdir(REPO)  # pipeline files name configs relative to the repository
+    config = load_pipeline_config(path)
+    for phase in config.phases:
+        assert phase.config in FIT_RUNS.values(), phase.name
 
 
 @pytest.mark.parametrize("path", CALLBACK_BUNDLES, ids=lambda p: p.name)
@@ -67,5 +97,28 @@ def test_demo_config_instantiates():
     cli = ProLongCLI(args=["--config", str(REPO / "configs/demo/pretrain.yaml")], run=False)
     assert type(cli.model).__name__ == "LongContextLM"
     assert type(cli.datamodule).__name__ == "MixtureDataModule"
-    assert cli.trainer.max_steps > 0 and cli.model.hparams.seq_len == cli.datamodule.seq_len
+    assert cli.trainer.max_steps > 0 and cli.model.seq_len is None  # follows the DataModule's at set-up:
+    cli.model.trainer = cli.trainer
+    cli.trainer.datamodule = cli.datamodule
+    cli.model.setup("fit")
+    assert cli.model.seq_len == cli.datamodule.seq_len == 2048
     assert cli.datamodule.domains == ["code_repos", "docstrings", "prose"]  # the domains configs/data/demo.yaml builds
+
+
+def test_default_root_dir_moves_logs_and_checkpoints(tmp_path, monkeypatch):
+    """--trainer.default_root_dir=X puts the demo's logs in X/logs and its checkpoints in X/checkpoints; two
+    roots, two checkpoint folders. Unset, the demo's own root (relative to the working directory) holds both."""
+    tmp_path = tmp_path.resolve()  # checkpoint folders are real paths
+    monkeypatch.chdir(tmp_path)
+    checkpoints = {}
+    for name in ("first", "second"):
+        root = tmp_path / name
+        cli = ProLongCLI(args=["--config", str(REPO / DEMO), f"--trainer.default_root_dir={root}"], run=False)
+        assert Path(cli.trainer.log_dir).resolve() == root / "logs"
+        assert Path(cli.trainer.checkpoint_callback.dirpath) == root / "checkpoints"
+        checkpoints[name] = cli.trainer.checkpoint_callback.dirpath
+    assert checkpoints["first"] != checkpoints["second"]
+    cli = ProLongCLI(args=["--config", str(REPO / DEMO)], run=False)
+    demo_root = tmp_path / yaml.safe_load((REPO / DEMO).read_text())["trainer"]["default_root_dir"]
+    assert Path(cli.trainer.log_dir).resolve() == demo_root / "logs"
+    assert Path(cli.trainer.checkpoint_callback.dirpath) == demo_root / "checkpoints"

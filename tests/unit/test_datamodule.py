@@ -21,14 +21,14 @@ def make_dm(data_dir, **kwargs) -> MixtureDataModule:
     return MixtureDataModule(str(data_dir), **{**args, **kwargs})
 
 
-def take(loader_or_stream, n: int) -> list[dict]:
+def take(loader_or_stream, n: int) -> list:
     it = iter(loader_or_stream)
     return [next(it) for _ in range(n)]
 
 
 def rows(batches) -> list[tuple[int, int]]:
     """(global index, input_ids fingerprint) of every row, in order."""
-    return [(int(k), int(ids.sum())) for b in batches for k, ids in zip(b["sample_index"], b["input_ids"])]
+    return [(int(k), int(ids.sum())) for b in batches for k, ids in zip(b.sample_index, b.input_ids)]
 
 
 def test_rows_are_the_planned_samples(mixture_dir):
@@ -36,11 +36,11 @@ def test_rows_are_the_planned_samples(mixture_dir):
     dm.setup("fit")
     assert dm.domains == ["a", "b", "c", "d"] and dm.manifest.seq_len == 64
     for batch in take(dm.train_stream(rank=0, world_size=1), 30):
-        for row, (k, d) in enumerate(zip(batch["sample_index"].tolist(), batch["domain_ids"].tolist())):
+        for row, (k, d) in enumerate(zip(batch.sample_index.tolist(), batch.domain_ids.tolist())):
             plan_d, item = dm.plan[k]
             expected = make_sample(item, dm.domains[d], 64, with_loss_mask=dm.domains[d] == "c")
-            assert plan_d == d and batch["input_ids"][row, 0] == domain_code(dm.domains[d])
-            assert np.array_equal(batch["input_ids"][row].numpy(), expected["input_ids"])
+            assert plan_d == d and batch.input_ids[row, 0] == domain_code(dm.domains[d])
+            assert np.array_equal(batch.input_ids[row].numpy(), expected["input_ids"])
 
 
 def test_token_shares_within_one_point_over_10000_samples(mixture_dir):
@@ -48,7 +48,7 @@ def test_token_shares_within_one_point_over_10000_samples(mixture_dir):
     dm.setup("fit")
     counts = np.zeros(4)
     for batch in take(dm.train_stream(rank=0, world_size=1), 50):
-        counts += np.bincount(batch["domain_ids"].numpy(), minlength=4) * batch["input_ids"].shape[1]
+        counts += np.bincount(batch.domain_ids.numpy(), minlength=4) * batch.input_ids.shape[1]
     shares = counts / counts.sum()
     assert np.abs(shares - np.array(list(WEIGHTS.values()))).max() < 0.01, shares
 
@@ -67,7 +67,7 @@ def test_workers_give_the_same_micro_batches(mixture_dir):
     single = take(make_dm(mixture_dir, num_workers=0).train_dataloader(), 7)
     multi = take(make_dm(mixture_dir, num_workers=2).train_dataloader(), 7)
     assert rows(single) == rows(multi)
-    assert [int(b["sample_index"][0]) for b in multi] == list(range(0, 14, 2))
+    assert [int(b.sample_index[0]) for b in multi] == list(range(0, 14, 2))
 
 
 def test_ranks_together_give_the_single_process_stream(mixture_dir):
@@ -89,7 +89,7 @@ def test_step_loss_tokens_is_the_sum_over_the_step_on_all_ranks(mixture_dir):
             ms = [m for m in range(8) if streams[0].layout.step_of(m) == step]
             group = [batches[r][m] for r in range(2) for m in ms]
             assert len(group) == 2 * (3 - phase if step == 0 else 3)
-            assert {int(b["step_loss_tokens"]) for b in group} == {sum(int(b["loss_tokens"]) for b in group)}
+            assert {int(b.step_loss_tokens) for b in group} == {sum(int(b.loss_tokens) for b in group)}
 
 
 def test_resume_on_another_world_size_continues_the_stream(mixture_dir):
@@ -118,15 +118,15 @@ def test_validation_is_held_out_and_sharded(mixture_dir):
     # 12 items over 5 ranks: 3 rows each (3 padding rows), in order, same batch count everywhere
     shards = [list(dm.val_stream(r, 5)) for r in range(5)]
     assert [len(s) for s in shards] == [1] * 5
-    seen = sorted(i for s in shards for b in s for i in b["sample_index"].tolist() if i >= 0)
+    seen = sorted(i for s in shards for b in s for i in b.sample_index.tolist() if i >= 0)
     assert seen == list(range(12))
     for s in shards:
         for b in s:
-            padding = b["sample_index"] < 0
-            assert torch.all(b["labels"][padding] == -100)
+            padding = b.sample_index < 0
+            assert torch.all(b.labels[padding] == -100)
             for row in torch.nonzero(~padding).flatten().tolist():
-                d, item = items[int(b["sample_index"][row])]
-                assert np.array_equal(b["input_ids"][row].numpy(), make_sample(item, dm.domains[d], 64)["input_ids"])
+                d, item = items[int(b.sample_index[row])]
+                assert np.array_equal(b.input_ids[row].numpy(), make_sample(item, dm.domains[d], 64)["input_ids"])
 
 
 def test_incompatible_checkpoint_is_refused(mixture_dir):
@@ -211,12 +211,12 @@ class Recorder(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.train_seen.append(
-            (self.trainer.global_step, *rows([batch]), int(batch["loss_tokens"]), int(batch["step_loss_tokens"]))
+            (self.trainer.global_step, *rows([batch]), int(batch.loss_tokens), int(batch.step_loss_tokens))
         )
-        return self.w * batch["loss_tokens"].float() / batch["step_loss_tokens"]
+        return self.w * batch.loss_tokens.float() / batch.step_loss_tokens
 
     def validation_step(self, batch, batch_idx):
-        self.val_seen.extend(batch["sample_index"].tolist())
+        self.val_seen.extend(batch.sample_index.tolist())
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -4,6 +4,7 @@ Trainer runs against transformers' eager Llama), validation loss, LR schedule, p
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import lightning.pytorch as pl
@@ -13,10 +14,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
-from prolong_lit.data.format import DomainStats, Manifest
+from prolong_lit.data.format import DomainStats, Manifest, PackedBatch
 from prolong_lit.model.config import build_llama_config
 from prolong_lit.model.module import LongContextLM, check_manifest
-from prolong_lit.model.schedule import build_optimizer, param_groups, warmup_cosine
+from prolong_lit.model.optim import AdamW, WarmupCosine, param_groups, warmup_cosine
+from prolong_lit.model.settings import KernelSettings, LlamaSettings
+from prolong_lit.parallel.plan import ParallelPlan
 from tests.helpers.model_batches import concat_rows, make_packed_batch, share_step
 from tests.helpers.tiny_model import OVERRIDES, VOCAB, eager_copy
 
@@ -50,8 +53,8 @@ def loader(batches):
 
 
 def test_unknown_size_names_the_setting_and_the_sizes():
-    with pytest.raises(ValueError, match=r"model\.model: 'llama3-70b'.*llama3-8b, tiny"):
-        LongContextLM(model="llama3-70b")
+    with pytest.raises(ValueError, match=r"model\.llama\.name_or_path: 'llama3-70b'.*llama3-8b, tiny"):
+        LongContextLM(llama=LlamaSettings(name_or_path="llama3-70b"))
 
 
 def test_llama3_8b_is_the_real_architecture():
@@ -72,19 +75,21 @@ def test_overrides_are_written_into_the_hf_config():
                "original_max_position_embeddings": 8192}
     scaled = build_llama_config("tiny", rope_scaling=scaling, max_position_embeddings=131072)
     assert scaled.rope_parameters == {"rope_theta": 500000.0, **scaling}
-    with pytest.raises(ValueError, match=r"model\.model_overrides: 'hiden_size' is not a LlamaConfig field"):
+    with pytest.raises(ValueError, match=r"model\.llama\.overrides: 'hiden_size' is not a LlamaConfig field"):
         build_llama_config("tiny", {"hiden_size": 32})
-    with pytest.raises(ValueError, match=r"model\.rope_theta"):
+    with pytest.raises(ValueError, match=r"model\.llama\.rope_theta"):
         build_llama_config("tiny", {"rope_theta": 1e6})
 
 
 def test_checkpoint_directory_loads_weights_as_they_are(tmp_path):
     torch.manual_seed(0)
-    source = LongContextLM(model="tiny", model_overrides=OVERRIDES)
+    source = LongContextLM(llama=LlamaSettings(name_or_path="tiny", overrides=OVERRIDES))
     source.configure_model()
     source.model.save_pretrained(tmp_path / "hf")
-    module = LongContextLM(model=str(tmp_path / "hf"), rope_theta=8e6, max_position_embeddings=65536,
-                           attn_implementation="docmask")
+    module = LongContextLM(
+        llama=LlamaSettings(name_or_path=str(tmp_path / "hf"), rope_theta=8e6, max_position_embeddings=65536),
+        kernels=KernelSettings(attn_implementation="docmask"),
+    )
     module.configure_model()
     assert module.model.config.rope_parameters["rope_theta"] == 8e6
     assert module.model.config.max_position_embeddings == 65536
@@ -95,8 +100,9 @@ def test_checkpoint_directory_loads_weights_as_they_are(tmp_path):
 
 
 def test_max_position_embeddings_must_cover_seq_len():
-    with pytest.raises(ValueError, match=r"model\.max_position_embeddings \(8192\) must be >= model\.seq_len"):
-        LongContextLM(model="tiny", seq_len=65536)
+    with pytest.raises(ValueError,
+                       match=r"model\.llama\.max_position_embeddings \(8192\) must be >= the training length \(65536"):
+        LongContextLM(llama=LlamaSettings(name_or_path="tiny"), seq_len=65536)
 
 
 # -- schedule and parameter groups -----------------------------------------------------------------------------
@@ -113,10 +119,16 @@ def test_warmup_cosine_values():
 
 def test_optimizer_lr_follows_schedule_and_groups_skip_norms():
     torch.manual_seed(0)
-    module = LongContextLM(model="tiny", model_overrides=OVERRIDES, lr=1e-5)
+    module = LongContextLM(
+        llama=LlamaSettings(name_or_path="tiny", overrides=OVERRIDES),
+        optimizer=functools.partial(AdamW, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8),
+        scheduler=functools.partial(WarmupCosine, warmup_ratio=0.1, warmup_steps=None, min_lr_ratio=0.1),
+    )
     module.configure_model()
-    optimizer, scheduler = build_optimizer(module.model, 1e-5, (0.9, 0.95), 0.1, 1e-8, total_steps=20,
-                                           warmup_ratio=0.1, warmup_steps=None, min_lr_ratio=0.1)
+    module.trainer = trainer(max_steps=20)  # what Lightning does before configure_optimizers
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert configured["lr_scheduler"]["interval"] == "step"
     lrs = []
     for _ in range(21):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -127,25 +139,29 @@ def test_optimizer_lr_follows_schedule_and_groups_skip_norms():
     assert lrs[20] == pytest.approx(1e-6)
     assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
     names = {id(p): n for n, p in module.model.named_parameters()}
-    decay, no_decay = param_groups(module.model.named_parameters(), 0.1)
+    decay, no_decay = optimizer.param_groups
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     assert {names[id(p)] for p in no_decay["params"]} == {n for n in names.values() if "norm" in n}
     assert "lm_head.weight" in {names[id(p)] for p in decay["params"]}
+    groups = param_groups(module.model.named_parameters())  # the groups the module hands the optimizer
+    assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in g["params"]] for g in (decay, no_decay)]
+    assert "weight_decay" not in groups[0] and groups[1]["weight_decay"] == 0.0  # the optimizer's own decay
+    module.trainer = trainer(max_steps=-1)
     with pytest.raises(ValueError, match=r"trainer\.max_steps"):
-        build_optimizer(module.model, 1e-5, (0.9, 0.95), 0.1, 1e-8, -1, 0.1, None, 0.1)
+        module.configure_optimizers()
 
 
 # -- the step-mean loss, with a real Trainer -------------------------------------------------------------------
 
 
-def reference_sum(model: LlamaForCausalLM, batch: dict) -> tuple[torch.Tensor, int]:
+def reference_sum(model: LlamaForCausalLM, batch: PackedBatch) -> tuple[torch.Tensor, int]:
     """Sum of token CE of a micro-batch, each document run alone through `model` with full logits."""
     total, count = 0.0, 0
-    for row in range(batch["input_ids"].shape[0]):
-        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    for row in range(batch.input_ids.shape[0]):
+        starts = (batch.position_ids[row] == 0).nonzero().flatten().tolist() + [batch.input_ids.shape[1]]
         for start, end in zip(starts[:-1], starts[1:]):
-            logits = model(input_ids=batch["input_ids"][row : row + 1, start:end]).logits[0]  # (n, V)
-            targets = batch["labels"][row, start + 1 : end]  # (n-1,)
+            logits = model(input_ids=batch.input_ids[row : row + 1, start:end]).logits[0]  # (n, V)
+            targets = batch.labels[row, start + 1 : end]  # (n-1,)
             total = total + F.cross_entropy(logits[:-1], targets, reduction="sum", ignore_index=-100)
             count += int((targets != -100).sum())
     return total, count
@@ -156,20 +172,22 @@ def step_batches():
     """Two micro-batches of one step with very different loss-token counts: 62 and 4."""
     full = make_packed_batch([[30, 34]], VOCAB, seed=1)
     masked = make_packed_batch([[64]], VOCAB, seed=2, loss_mask=[[1] * 5 + [0] * 59])
-    assert (int(full["loss_tokens"]), int(masked["loss_tokens"])) == (62, 4)
+    assert (int(full.loss_tokens), int(masked.loss_tokens)) == (62, 4)
     return full, masked
 
 
 @pytest.fixture(scope="module")
 def initial_state():
     torch.manual_seed(0)
-    module = SGDModule(model="tiny", model_overrides=OVERRIDES, attn_implementation="docmask", docmask_block_size=16)
+    module = SGDModule(llama=LlamaSettings(name_or_path="tiny", overrides=OVERRIDES),
+                       kernels=KernelSettings(attn_implementation="docmask", docmask_block_size=16))
     module.configure_model()
     return copy.deepcopy(module.model.state_dict())
 
 
 def fresh_module(state) -> SGDModule:
-    module = SGDModule(model="tiny", model_overrides=OVERRIDES, attn_implementation="docmask", docmask_block_size=16)
+    module = SGDModule(llama=LlamaSettings(name_or_path="tiny", overrides=OVERRIDES),
+                       kernels=KernelSettings(attn_implementation="docmask", docmask_block_size=16))
     module.configure_model()
     module.model.load_state_dict(state)
     return module
@@ -223,10 +241,13 @@ def test_step_loss_is_the_exact_token_mean(accumulate, step_batches, initial_sta
     if accumulate == 1:  # the checkpoint of this run: compatible and incompatible reloads
         path = tmp_path / "run.ckpt"
         run.save_checkpoint(path)
-        reloaded = LongContextLM.load_from_checkpoint(path)
+        # the hyper-parameters of a module built in Python (not by the CLI) pickle its settings objects
+        reloaded = LongContextLM.load_from_checkpoint(path, weights_only=False)
         assert all(torch.equal(reloaded.model.state_dict()[k], v) for k, v in updated.items())
         with pytest.raises(ValueError, match="checkpoint from an incompatible run.*num_hidden_layers: 2 in the"):
-            LongContextLM.load_from_checkpoint(path, model_overrides={**OVERRIDES, "num_hidden_layers": 3})
+            LongContextLM.load_from_checkpoint(
+                path, weights_only=False,
+                llama=LlamaSettings(name_or_path="tiny", overrides={**OVERRIDES, "num_hidden_layers": 3}))
 
 
 # -- data / model mismatches -----------------------------------------------------------------------------------
@@ -249,7 +270,7 @@ def write_manifest(path, seq_len: int, max_token_id: int = 128009) -> None:
 
 def test_seq_len_mismatch_with_the_prepared_data(tmp_path, step_batches):
     write_manifest(tmp_path, seq_len=128)
-    module = LongContextLM(model="tiny", seq_len=64)
+    module = LongContextLM(llama=LlamaSettings(name_or_path="tiny"), seq_len=64)
     with pytest.raises(ValueError, match=r"data\.seq_len / model\.seq_len mismatch.*rows of 128.*is 64"):
         trainer().fit(module, datamodule=ManifestData(tmp_path, [step_batches[0]]))
     assert module.model is None  # refused before building anything
@@ -257,8 +278,9 @@ def test_seq_len_mismatch_with_the_prepared_data(tmp_path, step_batches):
 
 def test_tokenizer_vocab_mismatch(tmp_path, step_batches):
     write_manifest(tmp_path, seq_len=64)
-    module = LongContextLM(model="tiny", model_overrides=OVERRIDES, seq_len=64)
-    with pytest.raises(ValueError, match=r"tokenizer/model mismatch.*'llama3'.*128009.*model\.model 'tiny'.*512"):
+    module = LongContextLM(llama=LlamaSettings(name_or_path="tiny", overrides=OVERRIDES), seq_len=64)
+    with pytest.raises(ValueError,
+                       match=r"tokenizer/model mismatch.*'llama3'.*128009.*model\.llama\.name_or_path 'tiny'.*512"):
         trainer().fit(module, datamodule=ManifestData(tmp_path, [step_batches[0]]))
     check_manifest(Manifest.read(tmp_path), 64, 128256, "tiny")  # the real tokenizer's data fits `tiny`
 
@@ -267,8 +289,9 @@ def test_activation_checkpointing_recomputes_layers_with_equal_gradients(step_ba
     grads, calls = {}, {}
     for enabled in (False, True):
         torch.manual_seed(0)
-        module = LongContextLM(model="tiny", model_overrides=OVERRIDES, attn_implementation="docmask",
-                               activation_checkpointing=enabled)
+        module = LongContextLM(llama=LlamaSettings(name_or_path="tiny", overrides=OVERRIDES),
+                               kernels=KernelSettings(attn_implementation="docmask"))
+        module.set_parallel_plan(ParallelPlan(activation_checkpointing=enabled))  # one process, no Trainer
         module.configure_model()
         module.train()
         count: list[int] = []

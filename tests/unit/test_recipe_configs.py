@@ -1,25 +1,31 @@
 """The recipe configs carry the paper's numbers, and every pipeline file parses.
 
 The numbers (docs/recipe.md: Stages, Optimizer and schedule, Data mixture, SFT) are read from each phase's
-config as the pipeline builds it (stage file + the pipeline's overrides, paths interpolated), i.e. from what
-would actually run.
+config as the pipeline builds it (configs/prolong-8b/base.yaml + the stage's delta + the pipeline's overrides, paths
+interpolated, parsed by the `fit` parser: `parse_phase`), i.e. from what would actually run.
 """
 
 from __future__ import annotations
 
+import re
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from prolong_lit.commands.prepare import parse_config
+from prolong_lit.callbacks.optimizer_handoff import CarryOptimizerState
+from prolong_lit.cli import ProLongCLI
 from prolong_lit.data.mixture import block_counts
-from prolong_lit.pipeline import build_phase_config, check_phase_parses
-from prolong_lit.pipeline_config import HANDOFF_CALLBACK, load_pipeline_config
+from prolong_lit.data.prepare import parse_config
+from prolong_lit.pipeline.config import load_pipeline_config
+from prolong_lit.pipeline.run import parse_phase, phase_fit_args
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "phases" in (yaml.safe_load(p.read_text()) or {}))
 RECIPE = REPO / "configs/prolong-8b/pipeline.yaml"
+BASE = REPO / "configs/prolong-8b/base.yaml"
+HANDOFF_CALLBACK = f"{CarryOptimizerState.__module__}.{CarryOptimizerState.__qualname__}"
 K, M = 2**10, 2**20
 
 STAGE1_WEIGHTS = {  # paper Table 9 / train_64K.sh
@@ -45,46 +51,74 @@ def recipe():
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(REPO)
         config = load_pipeline_config(RECIPE)
-        return {p.name: (p, build_phase_config(config, i)) for i, p in enumerate(config.phases)}
+        return {p.name: (p, phase_fit(config, i)) for i, p in enumerate(config.phases)}
+
+
+def phase_fit(config, index: int) -> dict:
+    """Phase `index`'s complete fit config, as the pipeline writes it to <phase>/fit.yaml."""
+    return yaml.safe_load(parse_phase(config, index))
 
 
 def rows_per_step(fit: dict) -> int:
     """micro_batch x accumulation x data-parallel ranks (devices x nodes / sequence-parallel size)."""
-    trainer, model, data = fit["trainer"], fit["model"]["init_args"], fit["data"]["init_args"]
+    trainer, data = fit["trainer"], fit["data"]["init_args"]
     ranks = trainer["devices"] * trainer["num_nodes"]
-    sequence_parallel = model.get("sequence_parallel_size", 1)
+    sequence_parallel = trainer["strategy"]["init_args"]["sequence_parallel_size"]
     assert ranks % sequence_parallel == 0
     return data["micro_batch_size"] * trainer["accumulate_grad_batches"] * ranks // sequence_parallel
+
+
+def optimizer(fit: dict) -> dict:
+    """The AdamW settings of a phase."""
+    entry = fit["model"]["init_args"]["optimizer"]
+    assert entry["class_path"] == "prolong_lit.model.optim.AdamW"
+    return entry["init_args"]
+
+
+def schedule(fit: dict) -> dict:
+    """The warmup + cosine settings of a phase."""
+    entry = fit["model"]["init_args"]["scheduler"]
+    assert entry["class_path"] == "prolong_lit.model.optim.WarmupCosine"
+    return entry["init_args"]
 
 
 def check_common(fit: dict) -> None:
     """The optimizer settings shared by all three scripts (docs/recipe.md, Optimizer and schedule)."""
     model, trainer = fit["model"]["init_args"], fit["trainer"]
-    assert model["betas"] == [0.9, 0.95] and model["weight_decay"] == 0.1 and model["eps"] == 1e-8
-    assert model["min_lr_ratio"] == 0.1  # cosine to 10% of the peak
+    adamw, strategy = optimizer(fit), trainer["strategy"]
+    assert adamw["betas"] == [0.9, 0.95] and adamw["weight_decay"] == 0.1 and adamw["eps"] == 1e-8
+    assert schedule(fit)["min_lr_ratio"] == 0.1  # cosine to 10% of the peak
     assert trainer["gradient_clip_val"] == 1.0
-    assert model["seq_len"] == fit["data"]["init_args"]["seq_len"]
-    assert model["activation_checkpointing"] is True and model["loss_chunk_size"] == 2048
-    assert model.get("rope_scaling") is None  # a plain base change, no YaRN/NTK scaling
+    # the model trains at the data's length: fit.yaml leaves model.seq_len unset (it follows data.seq_len)
+    assert model["seq_len"] is None
+    assert strategy["class_path"] == "prolong_lit.parallel.strategy.FSDP2Strategy"
+    assert strategy["init_args"]["activation_checkpointing"] is True and model["kernels"]["loss_chunk_size"] == 2048
+    assert strategy["init_args"]["param_dtype"] == "bfloat16"  # --bf16
+    assert model["llama"]["rope_scaling"] is None  # a plain base change, no YaRN/NTK scaling
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_every_pipeline_file_parses(path):
     config = load_pipeline_config(path)
-    for i in range(len(config.phases)):
-        check_phase_parses(config, i, build_phase_config(config, i))
+    for i, phase in enumerate(config.phases):
+        # the phase's files in order, as repeated --config, before its overrides
+        assert phase_fit_args(config, i)[: len(phase.config)] == [f"--config={file}" for file in phase.config]
+        fit = phase_fit(config, i)
+        assert fit["model"]["class_path"] and fit["data"]["class_path"]
+        assert fit["trainer"]["default_root_dir"] == str(Path(config.run_dir) / phase.name)
 
 
 def test_stage1_64k(recipe):
     phase, fit = recipe["stage1-64k"]
     model, data, trainer = fit["model"]["init_args"], fit["data"]["init_args"], fit["trainer"]
-    assert phase.init_from is None and model["model"] == "/path/to/Meta-Llama-3-8B-Instruct"
-    assert model["rope_theta"] == 8e6 and model["max_position_embeddings"] == 65536
+    assert phase.init_from is None and model["llama"]["name_or_path"] == "/path/to/Meta-Llama-3-8B-Instruct"
+    assert model["llama"]["rope_theta"] == 8e6 and model["llama"]["max_position_embeddings"] == 65536
     assert data["seq_len"] == 65536 == 64 * K
     assert rows_per_step(fit) == 64 and rows_per_step(fit) * data["seq_len"] == 4 * M  # 4M-token batches
     assert trainer["max_steps"] == 5000
-    assert model["lr"] == 1e-5 and model["warmup_ratio"] == 0.1
+    assert optimizer(fit)["lr"] == 1e-5 and schedule(fit)["warmup_ratio"] == 0.1
     check_common(fit)
+    assert trainer["strategy"]["init_args"]["sequence_parallel_size"] == 1
     assert data["weights"] == STAGE1_WEIGHTS
 
 
@@ -92,32 +126,39 @@ def test_stage2_512k(recipe):
     phase, fit = recipe["stage2-512k"]
     model, data, trainer = fit["model"]["init_args"], fit["data"]["init_args"], fit["trainer"]
     assert phase.init_from == "stage1-64k" and phase.carry_optimizer is True  # moments carried, schedule reset
-    assert model["model"] == "runs/prolong-8b/stage1-64k/export"
+    assert model["llama"]["name_or_path"] == "runs/prolong-8b/stage1-64k/export"
     hand_off = [c for c in trainer["callbacks"] if c["class_path"] == HANDOFF_CALLBACK]
     assert hand_off[0]["init_args"]["checkpoint"] == "runs/prolong-8b/stage1-64k/checkpoints/final.ckpt"
-    assert model["rope_theta"] == 1.28e8 and model["max_position_embeddings"] == 524288
+    assert model["llama"]["rope_theta"] == 1.28e8 and model["llama"]["max_position_embeddings"] == 524288
     assert data["seq_len"] == 524288 == 512 * K
     assert rows_per_step(fit) == 16 and rows_per_step(fit) * data["seq_len"] == 8 * M  # 8M-token batches
     assert trainer["max_steps"] == 2500
-    assert model["lr"] == 1e-5 and model["warmup_ratio"] == 0.1
+    assert optimizer(fit)["lr"] == 1e-5 and schedule(fit)["warmup_ratio"] == 0.1
     check_common(fit)
+    assert trainer["strategy"]["init_args"]["sequence_parallel_size"] == 8  # --seq_parallel_size 8
     assert data["weights"] == STAGE2_WEIGHTS
-    # the note beside the learning rate: the released script's 5e-6
-    text = (REPO / "configs/prolong-8b/stage2-512k.yaml").read_text()
-    note = text[: text.index("    lr: 1.0e-5")].splitlines()[-3:]
+    # the note about the learning rate (base.yaml's 1e-5): the released script's 5e-6, and the setting that follows it
+    stage = REPO / "configs/prolong-8b/stage2-512k.yaml"
+    lines = stage.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "1e-5" in line and line.lstrip().startswith("#"))
+    note = lines[start : start + 3]
     assert any("5e-6" in line for line in note) and any("5.0e-6" in line for line in note)
+    flag = re.search(r"--model\.\S+=5\.0e-6", "\n".join(note)).group(0)
+    merged = ProLongCLI(args=["--config", str(BASE), "--config", str(stage), flag], parse_only=True).config
+    assert merged.model.init_args.optimizer.init_args.lr == 5e-6
 
 
 def test_sft(recipe):
     phase, fit = recipe["sft"]
     model, data, trainer = fit["model"]["init_args"], fit["data"]["init_args"], fit["trainer"]
     assert phase.init_from == "stage2-512k" and phase.carry_optimizer is False
-    assert model["model"] == "runs/prolong-8b/stage2-512k/export"
-    assert model["rope_theta"] is None  # inherits stage 2's 1.28e8
+    assert model["llama"]["name_or_path"] == "runs/prolong-8b/stage2-512k/export"
+    assert model["llama"]["rope_theta"] is None  # inherits stage 2's 1.28e8
     assert data["seq_len"] == 65536 and rows_per_step(fit) * data["seq_len"] == 4 * M
     assert trainer["max_steps"] == 250
-    assert model["lr"] == 2e-5 and model["warmup_ratio"] == 0.05
+    assert optimizer(fit)["lr"] == 2e-5 and schedule(fit)["warmup_ratio"] == 0.05
     check_common(fit)
+    assert trainer["strategy"]["init_args"]["sequence_parallel_size"] == 1  # no sequence parallelism
     assert data["weights"] == {"ultrachat": 1.0}
 
 
@@ -129,12 +170,12 @@ def test_recipe_paths_are_one_place(tmp_path):
     path = tmp_path / "pipeline.yaml"
     path.write_text(text)
     config = load_pipeline_config(path)
-    fits = {p.name: build_phase_config(config, i) for i, p in enumerate(config.phases)}
+    fits = {p.name: phase_fit(config, i) for i, p in enumerate(config.phases)}
     assert "/path/to" not in yaml.safe_dump(fits)
-    assert fits["stage1-64k"]["model"]["init_args"]["model"] == "/models/llama3"
+    assert fits["stage1-64k"]["model"]["init_args"]["llama"]["name_or_path"] == "/models/llama3"
     assert [f["data"]["init_args"]["data_dir"] for f in fits.values()] == [
         "/d/prolong-64k", "/d/prolong-512k", "/d/ultrachat-64k"]
-    assert fits["sft"]["model"]["init_args"]["model"] == "/r/stage2-512k/export"
+    assert fits["sft"]["model"]["init_args"]["llama"]["name_or_path"] == "/r/stage2-512k/export"
 
 
 def test_mixture_weights_are_exact():
@@ -172,10 +213,10 @@ def test_data_specs_prepare_each_domain_with_its_length_filter(recipe):
 
 def test_demo_pipeline_shape():
     config = load_pipeline_config(REPO / "configs/demo/pipeline.yaml")
-    fits = [build_phase_config(config, i) for i in range(len(config.phases))]
+    fits = [phase_fit(config, i) for i in range(len(config.phases))]
     assert [p.name for p in config.phases] == ["stage1", "stage2", "sft"]
     lengths = [f["data"]["init_args"]["seq_len"] for f in fits]
-    thetas = [f["model"]["init_args"]["rope_theta"] for f in fits]
+    thetas = [f["model"]["init_args"]["llama"]["rope_theta"] for f in fits]
     assert lengths[1] > lengths[0] and thetas[1] > thetas[0] == 8e6 and thetas[2] is None
     assert [p.carry_optimizer for p in config.phases] == [False, True, False]
     assert fits[2]["data"]["init_args"]["data_dir"] == "data/demo-sft"

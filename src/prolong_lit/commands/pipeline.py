@@ -10,10 +10,7 @@ from __future__ import annotations
 
 
 def main(argv: list[str]) -> None:
-    """Parse, load and check the pipeline file, then run it (`--print_config` prints it as loaded instead)."""
-    import json
-    from dataclasses import asdict
-
+    """Parse, load and check the pipeline file, then run it."""
     from prolong_lit.pipeline.config import load_pipeline_config
 
     from jsonargparse import ArgumentParser
@@ -23,12 +20,7 @@ def main(argv: list[str]) -> None:
                             description="Run a pipeline file's phases in order; finished phases are skipped.")
     parser.add_argument("--config", type=str, required=True, help="the pipeline file (run_dir, paths, phases)")
     parser.add_argument("--run_dir", type=str | None, default=None, help="replaces the file's run_dir")
-    parser.add_argument("--print_config", action="store_true", help="print the pipeline as loaded and exit")
     args = parser.parse_args(argv)
-    config = load_pipeline_config(args.config, run_dir=args.run_dir)
-    if args.print_config:
-        print(json.dumps(asdict(config), indent=2))  # noqa: T201 - the command's output
-        return
     from prolong_lit.pipeline.run import run_pipeline
 
-    run_pipeline(config)
+    run_pipeline(load_pipeline_config(args.config, run_dir=args.run_dir))

@@ -3,46 +3,30 @@ domain.
 
     python -m prolong_lit prepare --config configs/data/demo.yaml [--overwrite] [--output_dir X]
 
-The options are `prolong_lit.data.prepare.PrepareConfig`'s fields (usually from a YAML file, flags override it);
-the work, every check first, is `prolong_lit.data.prepare.prepare`.
+The options are `prolong_lit.data.prepare.PrepareConfig`'s fields (usually from a YAML data spec, flags override
+it) and `--overwrite`. Their parser is the library's (`prolong_lit.data.prepare.build_parser`): a pipeline phase's
+`prepare:` list takes the same arguments and must not import a command. The work, every check first, is
+`prolong_lit.data.prepare.prepare`.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import TYPE_CHECKING
-
-from prolong_lit.commands import command_parser
-from prolong_lit.data.prepare import PrepareConfig, prepare
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
 
 
 def build_parser() -> ArgumentParser:
-    """The options of `prepare`: PrepareConfig's fields and `--overwrite`."""
-    from jsonargparse import ActionYesNo
+    """The options of `prepare`: PrepareConfig's fields, `--config`, `--print_config` and `--overwrite`."""
+    from prolong_lit.data.prepare import build_parser as prepare_arguments
 
-    parser = command_parser(
-        "prepare", "Tokenize, filter and pack raw documents into litdata shards (one directory per domain).",
-        config_help="a YAML file of the settings below",
-    )
-    parser.add_class_arguments(PrepareConfig, as_group=False)
-    parser.add_argument(
-        "--overwrite", action=ActionYesNo, default=False, help="replace an existing prepared output_dir"
-    )
-    return parser
-
-
-def parse_config(argv: list[str]) -> tuple[PrepareConfig, bool]:
-    """The config and the overwrite flag from command-line arguments."""
-    parser = build_parser()
-    namespace = parser.instantiate(parser.parse_args(argv))
-    names = [f.name for f in fields(PrepareConfig)]
-    return PrepareConfig(**{name: namespace[name] for name in names}), bool(namespace.overwrite)
+    return prepare_arguments()
 
 
 def main(argv: list[str]) -> None:
-    """`python -m prolong_lit prepare ...`"""
+    """`python -m prolong_lit prepare ...`: parse, then prepare (every setting is checked before any work)."""
+    from prolong_lit.data.prepare import parse_config, prepare
+
     config, overwrite = parse_config(argv)
     prepare(config, overwrite=overwrite)

@@ -1,6 +1,7 @@
 """`prepare(config)`: raw documents -> tokenized, filtered, packed litdata shards, one directory per domain.
 
-Its command line is `python -m prolong_lit prepare --config configs/data/demo.yaml` (`prolong_lit.commands.prepare`).
+Its command line is `python -m prolong_lit prepare --config configs/data/demo.yaml` (`prolong_lit.commands.prepare`;
+the arguments are parsed here, by `parse_config`, which a pipeline phase's `prepare:` list also goes through).
 Every setting is checked (sources exist and hold documents, the tokenizer loads, the output directory is free)
 before any work. Documents are tokenized in a process pool (ordered, so the result does not depend on the
 number of workers), filtered by length, stored in scratch token files beside the output, planned into
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ from prolong_lit.data.packing import MODES, SampleBuilder, TokenStore, max_token
 from prolong_lit.data.sources import CHAT_SOURCE_TYPES, Conversation, SourceConfig, iter_documents, validate_source
 
 if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -357,3 +359,30 @@ def _pin_index_timestamp(out: Path) -> None:
     index["updated_at"] = digest.hexdigest()[:32]
     index_path.write_text(json.dumps(index, sort_keys=True))
 
+
+# ---- a preparation as arguments ----
+
+
+def build_parser(prog: str = "python -m prolong_lit prepare") -> ArgumentParser:
+    """The arguments that describe a preparation: PrepareConfig's fields (usually a YAML data spec given with
+    `--config`, flags overriding it; `--print_config` shows the result) and `--overwrite`. The `prepare` command
+    and a pipeline phase's `prepare:` list both take them, so the grammar lives here, below both."""
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    parser = ArgumentParser(
+        prog=prog, description="Tokenize, filter and pack raw documents into litdata shards (one directory per domain)."
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the settings below")
+    parser.add_class_arguments(PrepareConfig, as_group=False)
+    parser.add_argument(
+        "--overwrite", action=ActionYesNo, default=False, help="replace an existing prepared output_dir"
+    )
+    return parser
+
+
+def parse_config(argv: list[str]) -> tuple[PrepareConfig, bool]:
+    """The config and the overwrite flag from `prepare` arguments."""
+    parser = build_parser()
+    namespace = parser.instantiate(parser.parse_args(argv))
+    names = [f.name for f in fields(PrepareConfig)]
+    return PrepareConfig(**{name: namespace[name] for name in names}), bool(namespace.overwrite)

@@ -91,6 +91,7 @@ def run_evaluation(
         helmet_data: HELMET task data already read for these settings (`check_settings` returns it); the files of
             any (task, length) it lacks are read here.
     """
+    # local names for the settings the body below reads again and again
     tasks, lengths, depths = settings.tasks, settings.resolved_lengths(max_position_embeddings), settings.depths
     samples_per_task, seed, helmet_dir = settings.samples_per_task, settings.seed, settings.helmet_dir
     batch_size, use_cache, max_new_tokens = settings.batch_size, settings.use_cache, settings.max_new_tokens

@@ -42,7 +42,7 @@ class LongContextLM(pl.LightningModule):
     def __init__(
         self,
         llama: LlamaSettings = LlamaSettings(),
-        seq_len: int = 2048,
+        seq_len: int | None = None,
         kernels: KernelSettings = KernelSettings(),
         optimizer: OptimizerFactory = AdamW,
         scheduler: SchedulerFactory = WarmupCosine,
@@ -51,7 +51,9 @@ class LongContextLM(pl.LightningModule):
         Args:
             llama: the Llama the run starts from (a checkpoint directory or a named size) and its RoPE / length
                 overrides.
-            seq_len: training row length in tokens; the prepared data's seq_len must match (data.seq_len is linked).
+            seq_len: training row length in tokens; None (what the configs use): the DataModule's `seq_len`, read
+                at set-up, so data.seq_len is the one place that says it (without a DataModule: the batches').
+                Given, it must equal the prepared data's.
             kernels: the attention implementation and the loss chunking.
             optimizer: the optimizer, called with the parameter groups (weight decay on matrices only); AdamW with
                 the recipe's defaults (lr 1e-5, betas (0.9, 0.95), weight decay 0.1, eps 1e-8).
@@ -65,11 +67,8 @@ class LongContextLM(pl.LightningModule):
         self.attn_name = resolve_attn_implementation(kernels.attn_implementation)
         self.hf_config = build_llama_config(llama.name_or_path, llama.overrides, llama.rope_theta, llama.rope_scaling,
                                             llama.max_position_embeddings)
-        if self.hf_config.max_position_embeddings < seq_len:
-            raise ValueError(
-                f"model.llama.max_position_embeddings ({self.hf_config.max_position_embeddings}) must be >= "
-                f"model.seq_len ({seq_len}); set model.llama.max_position_embeddings"
-            )
+        if seq_len is not None:
+            self._check_seq_len(seq_len)
         self.model = None  # LlamaForCausalLM, built in configure_model
         self.tokenizer_name: str | None = None  # from the prepared data's manifest, recorded in checkpoints
         self._plan: ParallelPlan | None = None  # set_parallel_plan, else the trainer's strategy's (parallel_plan)
@@ -78,6 +77,13 @@ class LongContextLM(pl.LightningModule):
         self._step_loss_tokens: torch.Tensor | None = None
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
+
+    def _check_seq_len(self, seq_len: int) -> None:
+        if self.hf_config.max_position_embeddings < seq_len:
+            raise ValueError(
+                f"model.llama.max_position_embeddings ({self.hf_config.max_position_embeddings}) must be >= the "
+                f"training length ({seq_len}, data.seq_len); set model.llama.max_position_embeddings"
+            )
 
     # -- parallel plan -----------------------------------------------------------------------------------------
 
@@ -227,6 +233,9 @@ class LongContextLM(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
+        if self.seq_len is None and getattr(datamodule, "seq_len", None) is not None:
+            self.seq_len = int(datamodule.seq_len)  # the configs' choice: train at the length the data holds
+            self._check_seq_len(self.seq_len)
         manifest = getattr(datamodule, "manifest", None)
         if manifest is not None:
             check_manifest(manifest, self.seq_len, self.hf_config.vocab_size, self.llama_settings.name_or_path)
@@ -255,7 +264,7 @@ def check_manifest(manifest: Any, seq_len: int, vocab_size: int, model_name: str
     if manifest.seq_len != seq_len:
         raise ValueError(
             f"data.seq_len / model.seq_len mismatch: the prepared data holds rows of {manifest.seq_len} tokens "
-            f"but model.seq_len is {seq_len}; set model.seq_len (data.seq_len follows it) to {manifest.seq_len} "
+            f"but model.seq_len is {seq_len}; set data.seq_len to {manifest.seq_len} (model.seq_len follows it unless set) "
             "or prepare the data again"
         )
     max_token_id = max((_field(stats, "max_token_id") for stats in manifest.domains.values()), default=-1)

@@ -51,7 +51,8 @@ def param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[d
     """Two groups: the matrices (linear layers, embeddings) with the optimizer's weight decay, then norms and
     biases without.
 
-    ProLong's released code probably decays its RMSNorm weights too (Hugging Face excludes only modules in
+    ProLong's released code probably decays its RMSNorm weights too (docs/recipe.md, Weight decay and RMSNorm:
+    Hugging Face excludes only modules in
     ALL_LAYERNORM_LAYERS and names containing "bias", and ProLong's own LlamaRMSNorm class is not registered
     there); we follow the usual rule instead. With weight_decay 0.1 at lr <= 1e-5 the difference is a relative
     shrink of at most 1e-6 per step.

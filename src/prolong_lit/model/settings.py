@@ -8,6 +8,8 @@ In YAML each group is a mapping under `model.init_args` (`fit --help` lists ever
         llama: {name_or_path: /path/to/Meta-Llama-3-8B-Instruct, rope_theta: 8.0e+6, max_position_embeddings: 65536}
         kernels: {attn_implementation: auto, loss_chunk_size: 2048}
 
+Not frozen: Lightning's collection utilities (which save hyper-parameters) rebuild dataclasses field by field.
+
 Parallelism (sharding, sequence parallelism, mixed precision, activation checkpointing) is not here: the
 strategy owns it (`prolong_lit.parallel.strategy.FSDP2Strategy`).
 """
@@ -20,7 +22,7 @@ from typing import Any
 from prolong_lit.model.attention import ATTN_IMPLEMENTATIONS, DEFAULT_DOCMASK_BLOCK_SIZE
 
 
-@dataclass(frozen=True)
+@dataclass
 class LlamaSettings:
     """The Llama a run trains: where it starts from and its RoPE / length overrides.
 
@@ -43,7 +45,7 @@ class LlamaSettings:
     max_position_embeddings: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class KernelSettings:
     """Which kernels run the attention and the loss.
 

@@ -48,19 +48,20 @@ class SequenceParallel:
         if length % self.size:
             raise ValueError(
                 f"sequence parallelism: rows of {length} tokens do not split into {SP_SETTING} ({self.size}) equal "
-                f"chunks; set model.seq_len (data.seq_len follows it) to a multiple of {self.size}"
+                f"chunks; set data.seq_len (model.seq_len follows it) to a multiple of {self.size}"
             )
         chunk = length // self.size
         return slice(self.rank * chunk, (self.rank + 1) * chunk)
 
 
-def check_sequence_parallel_shape(size: int, seq_len: int, num_attention_heads: int,
+def check_sequence_parallel_shape(size: int, seq_len: int | None, num_attention_heads: int,
                                   num_key_value_heads: int) -> None:
-    """Clear errors, before the model is built, for a row length or a head count that P does not divide."""
-    if seq_len % size:
+    """Clear errors, before the model is built, for a row length (when known) or a head count that P does not
+    divide."""
+    if seq_len is not None and seq_len % size:
         raise ValueError(
-            f"model.seq_len ({seq_len}) must be a multiple of {SP_SETTING} ({size}): every rank holds an "
-            "equal contiguous chunk of each row"
+            f"the training length ({seq_len}, data.seq_len) must be a multiple of {SP_SETTING} ({size}): every "
+            "rank holds an equal contiguous chunk of each row"
         )
     kv_head_repeats(num_attention_heads, num_key_value_heads, size)
 

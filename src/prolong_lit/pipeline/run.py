@@ -124,7 +124,9 @@ def phase_fit_args(config: PipelineConfig, index: int) -> list[str]:
     phase (its root directory, the export it starts from, the optimizer state it carries, its callbacks)."""
     phase = config.phases[index]
     args = [f"--config={file}" for file in phase.config]
-    args += [f"--{key}={json.dumps(value)}" for key, value in phase.overrides.items()]
+    # as on the command line: a string as it is (JSON would keep its quotes in a str setting), the rest as JSON
+    args += [f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+             for key, value in phase.overrides.items()]
     args.append(f"--trainer.default_root_dir={phase_dir(config, phase.name)}")
     source = init_source(config, index)
     carry = None
@@ -186,9 +188,8 @@ def prepare_data(phase: PhaseConfig) -> None:
     the other ranks wait in the process-group set-up of the phase's fit)."""
     if not phase.prepare or not is_rank_zero():
         return
-    from prolong_lit.commands.prepare import parse_config
     from prolong_lit.data.format import MANIFEST_NAME
-    from prolong_lit.data.prepare import prepare
+    from prolong_lit.data.prepare import parse_config, prepare
 
     data_config, overwrite = parse_config([str(arg) for arg in phase.prepare])
     if (Path(data_config.output_dir) / MANIFEST_NAME).is_file() and not overwrite:
