@@ -19,7 +19,8 @@ import sys
 import warnings
 from typing import Any
 
-# Nothing downloads at run time: fail fast instead of hanging ~50 s on a hub call (docs/environment.md, Offline by default).
+# Nothing downloads at run time: fail fast instead of hanging ~50 s on a hub call
+# (docs/environment.md, Offline by default).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

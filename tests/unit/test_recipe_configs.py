@@ -8,7 +8,6 @@ interpolated, parsed by the `fit` parser: `parse_phase`), i.e. from what would a
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
 import pytest

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 def main(argv: list[str]) -> None:
     """Parse, load and check the pipeline file, then run it."""
-    from prolong_lit.pipeline.config import load_pipeline_config
-
     from jsonargparse import ArgumentParser
+
+    from prolong_lit.pipeline.config import load_pipeline_config
 
     # --config names the pipeline file itself (its own schema, loaded and checked by load_pipeline_config)
     parser = ArgumentParser(prog="python -m prolong_lit pipeline",

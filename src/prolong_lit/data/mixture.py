@@ -128,7 +128,8 @@ class MixturePlan:
 
 @dataclass(frozen=True)
 class StreamLayout:
-    """Which global indices each rank's micro-batches and each optimizer step cover (docs/batch-contract.md, The global stream).
+    """Which global indices each rank's micro-batches and each optimizer step cover (docs/batch-contract.md,
+    The global stream).
 
     Rank r's micro-batch m covers start + m*mb*W + r*mb + [0, mb). Optimizer steps group A consecutive
     micro-batches per rank; `phase` micro-batches of the first step were already accumulated by the trainer

@@ -74,7 +74,8 @@ def build_llama_config(
         config.validate()
     except Exception as err:  # the strict dataclass names the bad field; say which settings feed it
         raise ValueError(
-            f"model.llama.overrides / model.llama.rope_theta / model.llama.rope_scaling / model.llama.max_position_embeddings "
+            "model.llama.overrides / model.llama.rope_theta / model.llama.rope_scaling / "
+            f"model.llama.max_position_embeddings "
             f"give an invalid Llama config: {err}"
         ) from err
     return config
@@ -140,7 +141,9 @@ def _rope_parameters(
         if "type" in scaling and "rope_type" not in scaling:  # transformers 4 spelling
             scaling["rope_type"] = scaling.pop("type")
         if "rope_type" not in scaling:
-            raise ValueError("model.llama.rope_scaling: needs a 'rope_type' (e.g. 'default', 'linear', 'llama3', 'yarn')")
+            raise ValueError(
+                "model.llama.rope_scaling: needs a 'rope_type' (e.g. 'default', 'linear', 'llama3', 'yarn')"
+            )
         params = {"rope_theta": params.get("rope_theta"), **scaling}
     if rope_theta is not None:
         params["rope_theta"] = float(rope_theta)

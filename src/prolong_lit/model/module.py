@@ -35,15 +35,17 @@ from prolong_lit.parallel.ulysses import SP_KWARG
 
 log = logging.getLogger(__name__)
 
+DEFAULT_LLAMA, DEFAULT_KERNELS = LlamaSettings(), KernelSettings()  # shared defaults: never mutated
+
 
 class LongContextLM(pl.LightningModule):
     """Continued pretraining / SFT of a Llama model on packed rows (the ProLong recipe)."""
 
     def __init__(
         self,
-        llama: LlamaSettings = LlamaSettings(),
+        llama: LlamaSettings = DEFAULT_LLAMA,
         seq_len: int | None = None,
-        kernels: KernelSettings = KernelSettings(),
+        kernels: KernelSettings = DEFAULT_KERNELS,
         optimizer: OptimizerFactory = AdamW,
         scheduler: SchedulerFactory = WarmupCosine,
     ) -> None:
@@ -264,7 +266,8 @@ def check_manifest(manifest: Any, seq_len: int, vocab_size: int, model_name: str
     if manifest.seq_len != seq_len:
         raise ValueError(
             f"data.seq_len / model.seq_len mismatch: the prepared data holds rows of {manifest.seq_len} tokens "
-            f"but model.seq_len is {seq_len}; set data.seq_len to {manifest.seq_len} (model.seq_len follows it unless set) "
+            f"but model.seq_len is {seq_len}; set data.seq_len to {manifest.seq_len} (model.seq_len follows it "
+            "unless set) "
             "or prepare the data again"
         )
     max_token_id = max((_field(stats, "max_token_id") for stats in manifest.domains.values()), default=-1)

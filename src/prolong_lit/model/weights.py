@@ -36,7 +36,8 @@ def checkpoint_files(checkpoint_dir: str | Path) -> list[Path]:
     if (path / SAFETENSORS_FILE).is_file():
         return [path / SAFETENSORS_FILE]
     raise FileNotFoundError(
-        f"model.llama.name_or_path: {str(path)!r} holds no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}; sharded loading reads "
+        f"model.llama.name_or_path: {str(path)!r} holds no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}; sharded "
+        "loading reads "
         "safetensors checkpoints only (save the model with save_pretrained)"
     )
 
@@ -73,7 +74,8 @@ def load_hf_weights(model: nn.Module, checkpoint_dir: str | Path) -> int:
     missing = sorted(params.keys() - loaded)
     if missing:
         raise ValueError(
-            f"model.llama.name_or_path: the checkpoint {str(checkpoint_dir)!r} lacks {len(missing)} weights of the model, "
+            f"model.llama.name_or_path: the checkpoint {str(checkpoint_dir)!r} lacks {len(missing)} weights of the "
+            "model, "
             f"e.g. {missing[:3]} (model.llama.overrides that change the architecture cannot apply to a checkpoint)"
         )
     if unexpected:
@@ -88,7 +90,8 @@ def _copy_local_slice(param: torch.Tensor, source, name: str, file: Path) -> int
     global_shape = tuple(source.get_shape())
     if global_shape != tuple(param.shape):
         raise ValueError(
-            f"model.llama.name_or_path: {name} is {global_shape} in {file.name} but {tuple(param.shape)} in the model built "
+            f"model.llama.name_or_path: {name} is {global_shape} in {file.name} but {tuple(param.shape)} in the "
+            "model built "
             "from its config (check model.llama.overrides)"
         )
     if isinstance(param, DTensor):

@@ -31,6 +31,9 @@ DP_SHARD_DIM, SP_DIM = "dp_shard", "sp"  # with sequence parallelism, SHARD_DIM 
 LIGHTNING_DP_DIM, LIGHTNING_TP_DIM = "data_parallel", "tensor_parallel"  # Lightning's ModelParallelStrategy's mesh
 
 
+DEFAULT_SHARDING = ShardingConfig()  # FSDP2 in fp32 with fp32 gradient reduction
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelPlan:
     """This rank's layout: what the module shards and recomputes, what the DataModule reads.
@@ -49,7 +52,7 @@ class ParallelPlan:
     world_size: int = 1
     sequence_parallel: SequenceParallel | None = None
     shard_mesh: DeviceMesh | None = None
-    sharding: ShardingConfig = ShardingConfig()
+    sharding: ShardingConfig = DEFAULT_SHARDING
     activation_checkpointing: bool = False
 
     @property
@@ -119,7 +122,7 @@ def build_plan(
     world_size: int,
     replicate_size: int = 1,
     sequence_parallel_size: int = 1,
-    sharding: ShardingConfig | None = ShardingConfig(),
+    sharding: ShardingConfig | None = DEFAULT_SHARDING,
     activation_checkpointing: bool = False,
 ) -> ParallelPlan:
     """Build the world mesh and the plan read from it (collective: every rank calls it, after the process group
@@ -130,7 +133,7 @@ def build_plan(
         world_size=world_size,
         sequence_parallel=sequence_parallel_of(mesh),
         shard_mesh=None if sharding is None else fsdp_mesh(mesh),
-        sharding=sharding or ShardingConfig(),
+        sharding=sharding or DEFAULT_SHARDING,
         activation_checkpointing=activation_checkpointing,
     )
     log.info("parallel plan on rank %d: mesh %s, data-parallel %d of %d, sequence-parallel size %d%s", global_rank,
