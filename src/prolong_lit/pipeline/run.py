@@ -4,24 +4,24 @@
 
 Each phase is an ordinary `fit` (see `config.py` for the file): the `fit` parser builds its complete config
 (`phase_fit_args`), which is written to `<run_dir>/<phase>/fit.yaml` and run in this process by the same
-LightningCLI as `fit`. A phase that starts from
-an earlier one gets that phase's Hugging Face export as its model; with `carry_optimizer` it also gets that
-phase's AdamW moments while its LR schedule and step count restart (`callbacks/optimizer_handoff.py`). At the
-end of a phase: its final checkpoint (`checkpoints/final.ckpt`, saved whatever the checkpoint interval), its
+LightningCLI as `fit`. A phase that starts from an earlier one gets that phase's Hugging Face export as its model
+(`model.llama.name_or_path`); with `carry_optimizer` it also gets that phase's AdamW moments while its LR schedule
+and step count restart (the `CarryOptimizerState` callback's `checkpoint`). At the end of a phase: its final checkpoint (`checkpoints/final.ckpt`, saved whatever the checkpoint interval), its
 export (`export/`), and `phase.json` (steps, tokens, final losses, eval scores), written last: the marker of a
 finished phase. At the end of the run, `summary.md` / `summary.json` tabulate every phase.
 
 Re-running the same command skips finished phases, exports a phase whose training finished but whose export did
 not, and resumes an interrupted phase from its newest checkpoint (`checkpoints/last.ckpt`, or the `hpc_ckpt_<N>.ckpt`
-a Slurm requeue wrote). Under several processes (torchrun, srun, or
-Lightning's own launcher, which re-runs this command per device) every rank runs this loop; files other than the
-fit configs are written by global rank 0, and ranks meet at a barrier after each phase.
+a Slurm requeue wrote). Under several processes (torchrun, srun, or Lightning's own launcher, which re-runs this
+command per device) every rank runs this loop; files other than the fit configs are written by global rank 0, and
+ranks meet at a barrier after each phase.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -148,13 +148,15 @@ def parse_phase(config: PipelineConfig, index: int) -> str:
 
     phase = config.phases[index]
     try:
-        return ProLongCLI(args=phase_fit_args(config, index), parse_only=True).dump_config()
+        cli = ProLongCLI(args=phase_fit_args(config, index), parse_only=True)
     except Exception as err:  # jsonargparse's ArgumentError / ValueError name the bad key
         message = str(err).strip().splitlines()
         raise ValueError(
             f"phases[{index}] ({phase.name}): its fit config does not parse (config {phase.config} + overrides): "
             + " ".join(line.strip() for line in message[:3])
         ) from err
+    _check_resumable(phase, cli.config.trainer.callbacks or [])
+    return cli.dump_config()
 
 
 def config_digest(fit_config: str) -> str:
@@ -238,7 +240,7 @@ def run_phase(config: PipelineConfig, phase: PhaseConfig, directory: Path, fit_c
         else:
             actions.append("trained")
             log.info("phase %s: training (%s)", phase.name, fit_path)
-        steps, tokens, metrics = _fit(phase, fit_path, directory, last, final)
+        steps, tokens, metrics = _fit(phase, fit_path, last, final)
         if is_rank_zero():  # what only the trainer knew, kept in case the export below is interrupted
             write_json({"steps": steps, "tokens": tokens, "metrics": metrics}, directory / FIT_STATS)
     export = None
@@ -260,7 +262,7 @@ def run_phase(config: PipelineConfig, phase: PhaseConfig, directory: Path, fit_c
     return result
 
 
-def _fit(phase: PhaseConfig, fit_path: Path, directory: Path, resume: Path | None,
+def _fit(phase: PhaseConfig, fit_path: Path, resume: Path | None,
          final: Path) -> tuple[int, int | None, dict[str, float]]:
     """Run `fit --config fit_path [--ckpt_path resume]` in this process; save the final checkpoint; return
     (steps, tokens, final metrics)."""
@@ -268,7 +270,6 @@ def _fit(phase: PhaseConfig, fit_path: Path, directory: Path, resume: Path | Non
 
     cli = ProLongCLI(args=["--config", str(fit_path)], run=False)
     trainer = cli.trainer
-    _check_resumable(phase, trainer, directory / "checkpoints")
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=None if resume is None else str(resume))
     if trainer.interrupted or trainer.global_step < trainer.max_steps:
         raise PhaseIncomplete(
@@ -290,17 +291,26 @@ def _fit(phase: PhaseConfig, fit_path: Path, directory: Path, resume: Path | Non
     return steps, tokens, metrics
 
 
-def _check_resumable(phase: PhaseConfig, trainer, checkpoints: Path) -> None:
-    """An interrupted phase resumes from `<phase>/checkpoints/last.ckpt`: its trainer needs one ModelCheckpoint,
-    writing there, with save_last."""
-    saving = trainer.checkpoint_callbacks
-    if len(saving) != 1 or Path(saving[0].dirpath) != checkpoints.resolve() or not saving[0].save_last:
+def _check_resumable(phase: PhaseConfig, callbacks: list) -> None:
+    """An interrupted phase resumes from `<phase>/checkpoints/last.ckpt`: its trainer needs one ModelCheckpoint
+    that writes there (no dirpath: it follows trainer.default_root_dir) with save_last."""
+    from jsonargparse import Namespace
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saving = [c for c in callbacks if isinstance(c, Namespace) and issubclass(_class(c.class_path), ModelCheckpoint)]
+    args = saving[0].get("init_args") or Namespace() if len(saving) == 1 else None
+    if args is None or args.get("dirpath") is not None or not args.get("save_last"):
         raise ValueError(
-            f"phase {phase.name!r}: the pipeline resumes an interrupted phase from {checkpoints / LAST_CHECKPOINT}; "
-            "its trainer.callbacks need exactly one ModelCheckpoint with save_last: true and no dirpath (it then "
-            f"follows trainer.default_root_dir); found {len(saving)}"
-            + (f" writing to {saving[0].dirpath} (save_last {saving[0].save_last})" if saving else "")
+            f"phase {phase.name!r}: the pipeline resumes an interrupted phase from checkpoints/{LAST_CHECKPOINT} in "
+            "its directory; its trainer.callbacks need exactly one ModelCheckpoint, with save_last: true and no "
+            f"dirpath (it then follows trainer.default_root_dir); found {len(saving)}"
+            + ("" if args is None else f" (dirpath {args.get('dirpath')}, save_last {args.get('save_last')})")
         )
+
+
+def _class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _saved_fit_stats(directory: Path) -> tuple[int, int | None, dict[str, float]]:
