@@ -112,10 +112,7 @@ def run_fit(args: argparse.Namespace, batches: list, demo_settings: bool) -> dic
             checkpoint = ModelCheckpoint(dirpath=f"{root}/checkpoints", every_n_train_steps=20, save_top_k=-1,
                                          save_last=True)
             logger = TensorBoardLogger(save_dir=root, name="", version="logs")  # as ProLongCLI's default logger
-            # enable_autolog_hparams=False: a LongContextLM built in Python holds its settings as frozen dataclasses,
-            # which Lightning's hparams.yaml writer refuses (the CLI records plain config dicts instead); the
-            # hparams are written once, before the first step, so the timed steps are the same either way
-            trainer = pl.Trainer(**common, logger=logger, log_every_n_steps=5, enable_autolog_hparams=False,
+            trainer = pl.Trainer(**common, logger=logger, log_every_n_steps=5,
                                  callbacks=[Clock(), checkpoint, TokenAccounting()])
         else:
             trainer = pl.Trainer(**common, logger=False, enable_progress_bar=False, enable_checkpointing=False,

@@ -136,11 +136,7 @@ def _rank_main(settings: dict) -> None:
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[recorder],
     )
     data = build_data(settings["data_dir"], settings.get("micro_batch", MICRO_BATCH))
-    # A module built in Python (not by the CLI, which saves its config as plain dicts) pickles its settings objects
-    # into the checkpoint's hyper-parameters; Lightning reloads them with torch's weights-only loader (its
-    # ModelParallelStrategy drops fit's weights_only=False), so allow exactly those types for this run's checkpoint.
-    with torch.serialization.safe_globals([LlamaSettings, KernelSettings, partial, AdamW, WarmupCosine]):
-        trainer.fit(module, datamodule=data, ckpt_path=settings.get("resume"))
+    trainer.fit(module, datamodule=data, ckpt_path=settings.get("resume"))
     if settings.get("save"):
         trainer.save_checkpoint(settings["save"])
     recorder.record["end"] = full_state(module, trainer.optimizers[0])

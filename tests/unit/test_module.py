@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 from prolong_lit.data.format import DomainStats, Manifest, PackedBatch
 from prolong_lit.model.config import build_llama_config
 from prolong_lit.model.module import LongContextLM, check_manifest
-from prolong_lit.model.optim import AdamW, WarmupCosine, param_groups, warmup_cosine
+from prolong_lit.model.optim import AdamW, WarmupCosine, class_path_of, param_groups, warmup_cosine
 from prolong_lit.model.settings import KernelSettings, LlamaSettings
 from prolong_lit.parallel.plan import ParallelPlan
 from tests.helpers.model_batches import concat_rows, make_packed_batch, share_step
@@ -241,12 +241,15 @@ def test_step_loss_is_the_exact_token_mean(accumulate, step_batches, initial_sta
     if accumulate == 1:  # the checkpoint of this run: compatible and incompatible reloads
         path = tmp_path / "run.ckpt"
         run.save_checkpoint(path)
-        # the hyper-parameters of a module built in Python (not by the CLI) pickle its settings objects
-        reloaded = LongContextLM.load_from_checkpoint(path, weights_only=False)
+        # a module built in Python records plain hyper-parameters: its checkpoint loads with torch's weights-only
+        # unpickler, its settings and optimizer rebuilt from them
+        reloaded = LongContextLM.load_from_checkpoint(path)
+        assert reloaded.llama_settings == module.llama_settings and reloaded.kernels == module.kernels
+        assert class_path_of(reloaded.optimizer_factory) == class_path_of(module.optimizer_factory)
         assert all(torch.equal(reloaded.model.state_dict()[k], v) for k, v in updated.items())
         with pytest.raises(ValueError, match="checkpoint from an incompatible run.*num_hidden_layers: 2 in the"):
             LongContextLM.load_from_checkpoint(
-                path, weights_only=False,
+                path,
                 llama=LlamaSettings(name_or_path="tiny", overrides={**OVERRIDES, "num_hidden_layers": 3}))
 
 

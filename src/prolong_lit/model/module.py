@@ -13,6 +13,7 @@ Parallelism is not configured here: the module asks the trainer's strategy for i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -25,10 +26,18 @@ from prolong_lit.data.format import PackedBatch
 from prolong_lit.model.attention import resolve_attn_implementation, sequence_parallel_attn_name
 from prolong_lit.model.config import architecture, build_llama_config
 from prolong_lit.model.loss import chunked_cross_entropy_sum
-from prolong_lit.model.optim import AdamW, OptimizerFactory, SchedulerFactory, WarmupCosine, param_groups
+from prolong_lit.model.optim import (
+    AdamW,
+    OptimizerFactory,
+    SchedulerFactory,
+    WarmupCosine,
+    class_path_of,
+    factory_from,
+    param_groups,
+)
 from prolong_lit.model.parallelize import build_parallel_llama
 from prolong_lit.model.sequence_batch import shard_batch
-from prolong_lit.model.settings import KernelSettings, LlamaSettings
+from prolong_lit.model.settings import KernelSettings, LlamaSettings, settings_from
 from prolong_lit.parallel.plan import ParallelPlan, plan_of
 from prolong_lit.parallel.sequence import check_sequence_parallel_shape
 from prolong_lit.parallel.ulysses import SP_KWARG
@@ -63,7 +72,11 @@ class LongContextLM(pl.LightningModule):
                 optimizer step; linear warmup + cosine to 10% (the recipe's).
         """
         super().__init__()
+        # hyper-parameters are recorded as plain data (what load_from_checkpoint passes back, as mappings)
+        llama, kernels = settings_from(LlamaSettings, llama), settings_from(KernelSettings, kernels)
+        optimizer, scheduler = factory_from(optimizer), factory_from(scheduler)
         self.save_hyperparameters()
+        self._record_plain_hyperparameters()
         self.llama_settings, self.kernels, self.seq_len = llama, kernels, seq_len
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.attn_name = resolve_attn_implementation(kernels.attn_implementation)
@@ -79,6 +92,17 @@ class LongContextLM(pl.LightningModule):
         self._step_loss_tokens: torch.Tensor | None = None
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
+
+    def _record_plain_hyperparameters(self) -> None:
+        """A module built in Python would record its settings as objects (dataclasses, classes, partials), which
+        torch's weights-only checkpoint loading refuses: record them as mappings and class paths instead. (A module
+        built by the CLI records the CLI's own config, already plain.)"""
+        for key in ("llama", "kernels"):
+            if dataclasses.is_dataclass(self.hparams.get(key)):
+                self.hparams[key] = dataclasses.asdict(self.hparams[key])
+        for key in ("optimizer", "scheduler"):
+            if callable(self.hparams.get(key)):
+                self.hparams[key] = class_path_of(self.hparams[key])
 
     def _check_seq_len(self, seq_len: int) -> None:
         if self.hf_config.max_position_embeddings < seq_len:

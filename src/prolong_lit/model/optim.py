@@ -20,8 +20,11 @@ with progress going from 0 after warmup to 1 at the run's last step.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,3 +112,27 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
             )
         warmup = resolve_warmup_steps(total_steps, warmup_ratio, warmup_steps)
         super().__init__(optimizer, warmup_cosine(warmup, total_steps, min_lr_ratio))
+
+
+def class_path_of(factory: Callable) -> dict[str, Any] | Callable:
+    """A component factory as a plain `{class_path, init_args}` mapping (how configs write it), for a class or a
+    partial of one (jsonargparse's partials carry the class among their arguments); anything else as it is."""
+    if isinstance(factory, type):
+        return {"class_path": f"{factory.__module__}.{factory.__qualname__}", "init_args": {}}
+    if isinstance(factory, functools.partial):
+        classes = [arg for arg in (factory.func, *factory.args) if isinstance(arg, type)]
+        if len(classes) == 1:
+            return {**class_path_of(classes[0]), "init_args": dict(factory.keywords)}
+    return factory
+
+
+def factory_from(value: Callable | dict[str, Any]) -> Callable:
+    """A component factory from a `{class_path, init_args}` mapping (recorded hyper-parameters), or as it is."""
+    if not isinstance(value, dict):
+        return value
+    module, _, name = str(value.get("class_path", "")).rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"model: cannot import the component {value.get('class_path')!r}: {err}") from err
+    return functools.partial(target, **(value.get("init_args") or {}))

@@ -16,8 +16,8 @@ strategy owns it (`prolong_lit.parallel.strategy.FSDP2Strategy`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 from prolong_lit.model.attention import ATTN_IMPLEMENTATIONS, DEFAULT_DOCMASK_BLOCK_SIZE
 
@@ -71,3 +71,16 @@ class KernelSettings:
         for name in ("docmask_block_size", "loss_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.kernels.{name} must be >= 1, got {getattr(self, name)}")
+
+
+Settings = TypeVar("Settings", LlamaSettings, KernelSettings)
+
+
+def settings_from(kind: type[Settings], value: Settings | dict[str, Any]) -> Settings:
+    """`value` as a `kind`: as it is, or built from a mapping of its fields (recorded hyper-parameters)."""
+    if isinstance(value, kind):
+        return value
+    known = {f.name for f in fields(kind)}
+    if not isinstance(value, dict) or not set(value) <= known:
+        raise ValueError(f"model: {value!r} is not a {kind.__name__} (fields: {', '.join(sorted(known))})")
+    return kind(**value)

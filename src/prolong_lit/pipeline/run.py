@@ -6,9 +6,10 @@ Each phase is an ordinary `fit` (see `config.py` for the file): the `fit` parser
 (`phase_fit_args`), which is written to `<run_dir>/<phase>/fit.yaml` and run in this process by the same
 LightningCLI as `fit`. A phase that starts from an earlier one gets that phase's Hugging Face export as its model
 (`model.llama.name_or_path`); with `carry_optimizer` it also gets that phase's AdamW moments while its LR schedule
-and step count restart (the `CarryOptimizerState` callback's `checkpoint`). At the end of a phase: its final checkpoint (`checkpoints/final.ckpt`, saved whatever the checkpoint interval), its
-export (`export/`), and `phase.json` (steps, tokens, final losses, eval scores), written last: the marker of a
-finished phase. At the end of the run, `summary.md` / `summary.json` tabulate every phase.
+and step count restart (the `CarryOptimizerState` callback's `checkpoint`). At the end of a phase: its final
+checkpoint (`checkpoints/final.ckpt`, saved whatever the checkpoint interval), its export (`export/`), and
+`phase.json` (steps, tokens, final losses, eval scores), written last: the marker of a finished phase. At the end
+of the run, `summary.md` / `summary.json` tabulate every phase.
 
 Re-running the same command skips finished phases, exports a phase whose training finished but whose export did
 not, and resumes an interrupted phase from its newest checkpoint (`checkpoints/last.ckpt`, or the `hpc_ckpt_<N>.ckpt`
