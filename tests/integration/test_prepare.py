@@ -5,6 +5,7 @@ a reference built by tokenizing every source document on its own."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -152,6 +153,39 @@ def test_concat_packs_every_kept_document_once(corpus, llama3_tokenizer):
     assert [tuple(p) for p in pieces[:-1]] != in_source_order  # the documents were shuffled
 
 
+def test_slice_pack_keeps_whole_slices_within_the_length_limits(corpus, tmp_path, llama3_tokenizer):
+    """mode slice_pack: the books between slice_length and max_length tokens, cut into 16-token slices, four per
+    64-token row, each slice its own document; the longest book is over max_length and left out."""
+    root, documents, config, _ = corpus
+    refs = [reference_ids(llama3_tokenizer, text) for text in documents["books"]]
+    slice_length, max_length = 16, max(map(len, refs)) - 1
+    books = DomainConfig(
+        mode="slice_pack", slice_length=slice_length, max_length=max_length,
+        sources=[SourceConfig("text", str(root / "books"))],
+    )
+    spec = make_config(root, tmp_path / "packed", tokenizer=config.tokenizer, domains={"books": books})
+    stats = prepare(spec).domains["books"]
+    kept = [ids for ids in refs if slice_length <= len(ids) <= max_length]
+    assert len(kept) == 2 and stats.documents == {"read": 3, "kept": 2, "dropped_min_length": 0, "dropped_too_long": 1}
+    cuts = [(ids, start) for ids in kept for start in range(0, len(ids) - slice_length + 1, slice_length)]
+    slices = Counter(tuple(ids[start : start + slice_length]) for ids, start in cuts)
+    per_row = SEQ_LEN // slice_length
+    samples = read_samples(tmp_path / "packed" / "books")
+    assert stats.samples == len(samples) == sum(slices.values()) // per_row >= 2
+    written = Counter()
+    for sample in samples:
+        assert sample[DOC_LENGTHS].tolist() == [slice_length] * per_row  # a boundary at every slice
+        ids = sample[INPUT_IDS].tolist()
+        written.update(tuple(ids[k : k + slice_length]) for k in range(0, SEQ_LEN, slice_length))
+    assert not written - slices  # only whole slices of kept books, each at most as often as it occurs
+    # nothing lost but what the manifest declares: the remainders and the slices of a final partial row
+    assert stats.dropped_tokens == {
+        "slice_remainder": sum(len(ids) % slice_length for ids in kept),
+        "final_partial_sample": sum(slices.values()) % per_row * slice_length,
+    }
+    assert sum(written.values()) * slice_length + sum(stats.dropped_tokens.values()) == sum(map(len, kept))
+
+
 def test_reruns_are_byte_identical_with_any_worker_count(corpus, tmp_path):
     root, documents, config, manifest = corpus
     again = make_config(root, tmp_path / "again", tokenizer=config.tokenizer, num_workers=2)
@@ -160,6 +194,21 @@ def test_reruns_are_byte_identical_with_any_worker_count(corpus, tmp_path):
     assert sorted(first) == sorted(second) and len(first) == 7  # manifest + 3 x (index.json + one chunk)
     for name in first:
         assert first[name] == second[name], name
+
+
+def test_index_timestamp_is_the_digest_of_the_chunks_in_order(corpus, tmp_path):
+    """updated_at is the sha256 of the chunk files concatenated in index order, however many chunks there are
+    (write_domain hashes them while litdata still writes the later ones)."""
+    root, documents, config, manifest = corpus
+    out = tmp_path / "small_chunks"
+    prepare(make_config(root, out, tokenizer=config.tokenizer, chunk_bytes="1kb"))
+    chunks = {}
+    for name in manifest.domains:
+        index = json.loads((out / name / "index.json").read_text())
+        chunks[name] = len(index["chunks"])
+        digest = hashlib.sha256(b"".join((out / name / c["filename"]).read_bytes() for c in index["chunks"]))
+        assert index["updated_at"] == digest.hexdigest()[:32], name
+    assert max(chunks.values()) > 2, chunks
 
 
 def test_existing_output_is_refused_unless_overwrite(corpus, tmp_path):
@@ -204,6 +253,16 @@ def _bad(config: PrepareConfig, case: str, root: Path) -> None:
         config.eos_token = "<|no_such_token|>"
     elif case == "chunk_bytes":
         config.chunk_bytes = "lots"
+    elif case == "slice_length":
+        config.domains["code"].mode, config.domains["code"].slice_length = "slice_pack", 24
+    elif case == "no_slice_length":
+        config.domains["code"].mode = "slice_pack"
+    elif case == "stray_slice_length":
+        config.domains["web"].slice_length = 16
+    elif case == "max_length":
+        config.domains["code"].max_length = SEQ_LEN - 1
+    elif case == "loss_on":
+        config.domains["web"].sources[0].loss_on = "all"
 
 
 @pytest.mark.parametrize(
@@ -219,6 +278,11 @@ def _bad(config: PrepareConfig, case: str, root: Path) -> None:
         ("domain_name", r"^domains\.\.\./escape: a domain name must be a plain directory name"),
         ("eos_token", r"^eos_token: '<\|no_such_token\|>' is not a token"),
         ("chunk_bytes", r"^chunk_bytes: 'lots' is not a size"),
+        ("slice_length", r"^domains\.code\.slice_length \(24\): seq_len \(64\) must be a multiple of it"),
+        ("no_slice_length", r"^domains\.code\.slice_length: mode slice_pack needs a slice length"),
+        ("stray_slice_length", r"^domains\.web\.slice_length: only mode slice_pack reads it \(mode is concat\)"),
+        ("max_length", r"^domains\.code\.max_length \(63\) is below the minimum length \(64\)"),
+        ("loss_on", r"^domains\.web\.sources\[0\]\.loss_on: only chat sources have prompt tokens to mask"),
     ],
 )
 def test_bad_settings_fail_before_anything_is_written(corpus, tmp_path, case, error):

@@ -172,6 +172,28 @@ def test_too_long_conversations_are_dropped_and_counted(built, llama3_tokenizer)
     assert tulu.tokens + tulu.dropped_tokens["final_partial_sample"] == sum(lengths[:12])
 
 
+def test_loss_on_all_trains_every_token_of_a_chat_source(built, tmp_path, llama3_tokenizer):
+    """ProLong's Tulu-v2 domain: a chat source with loss_on: all in a concat domain writes no loss mask, and every
+    token is a label but each document's first (BOS)."""
+    files, conversations, config, manifest = built
+    spec = make_config(files, tmp_path / "all", config.tokenizer)
+    spec.domains = {"tulu": DomainConfig(mode="concat", sources=[SourceConfig("chat", str(files[0]), loss_on="all")])}
+    stats, masked_stats = prepare(spec).domains["tulu"], manifest.domains["tulu"]
+    assert not stats.has_loss_mask and masked_stats.has_loss_mask
+    assert (stats.samples, stats.documents, stats.dropped_tokens) == (
+        masked_stats.samples, masked_stats.documents, masked_stats.dropped_tokens)
+    samples = read_samples(tmp_path / "all" / "tulu")
+    assert all(LOSS_MASK not in sample for sample in samples)
+    # the same tokens as the masked domain built from the same source; only the mask differs
+    masked = read_samples(Path(config.output_dir) / "tulu")
+    assert [s[INPUT_IDS].tolist() for s in samples] == [s[INPUT_IDS].tolist() for s in masked]
+    batch = collate_samples(samples, domain_ids=[0] * len(samples), sample_index=list(range(len(samples))))
+    starts = np.cumsum([0, *np.concatenate([s[DOC_LENGTHS] for s in samples])[:-1]])
+    expected = batch.input_ids.flatten().clone()
+    expected[starts] = IGNORE_INDEX
+    assert batch.labels.flatten().tolist() == expected.tolist()
+
+
 def test_reruns_are_byte_identical_with_any_worker_count(built, tmp_path):
     files, conversations, config, manifest = built
     again = make_config(files, tmp_path / "again", config.tokenizer, num_workers=2)

@@ -80,6 +80,25 @@ def test_conversation_without_reply_and_reply_first(llama3_tokenizer):
         render_conversation(llama3_tokenizer, Conversation([{"role": "assistant", "content": "hi"}], "f.jsonl line 3"))
 
 
+def test_loss_on_all_trains_every_token(llama3_tokenizer, tmp_path):
+    """A chat source with loss_on: all (ProLong's Tulu-v2 in pretraining): the same ids, and no loss mask, so
+    every token trains as in a text document; the setting travels from the source to each conversation."""
+    ids, mask = render_conversation(llama3_tokenizer, Conversation(MULTI_TURN, "x"))
+    all_ids, no_mask = render_conversation(llama3_tokenizer, Conversation(MULTI_TURN, "x", loss_on="all"))
+    assert all_ids.tolist() == ids.tolist() and all_ids.dtype == np.int32 and no_mask is None and not mask.all()
+    write_chat_jsonl(tmp_path / "t.jsonl", [{"messages": MULTI_TURN}])
+    source = SourceConfig("chat", str(tmp_path / "t.jsonl"), loss_on="all")
+    validate_source(source, "domains.tulu_v2.sources[0]")
+    [conversation] = iter_documents(source)
+    assert conversation.loss_on == "all" and render_conversation(llama3_tokenizer, conversation)[1] is None
+    assert [c.loss_on for c in iter_documents(SourceConfig("chat", str(tmp_path / "t.jsonl")))] == ["assistant"]
+    with pytest.raises(ValueError, match=r"^s\.loss_on: 'prompts' is not one of assistant, all"):
+        validate_source(SourceConfig("chat", str(tmp_path / "t.jsonl"), loss_on="prompts"), "s")
+    (tmp_path / "d.jsonl").write_text('{"text": "plain text"}\n')
+    with pytest.raises(ValueError, match=r"^s\.loss_on: only chat sources .* \(a jsonl source trains on all\)"):
+        validate_source(SourceConfig("jsonl", str(tmp_path / "d.jsonl"), loss_on="all"), "s")
+
+
 def test_templates_that_are_not_prefix_stable_or_fail_are_refused(llama3_tokenizer):
     tokenizer = copy.deepcopy(llama3_tokenizer)
     # rewrites the history depending on what follows: the last message is marked

@@ -41,6 +41,8 @@ def is_pipeline(path: Path) -> bool:
 def test_configs_exist():
     names = {p.relative_to(REPO).as_posix() for p in CONFIGS}
     assert {"configs/demo/pretrain.yaml", "configs/data/demo.yaml"} <= names
+    # the data specs of ProLong's released data, parsed below like every data spec (no data needed to parse)
+    assert {f"configs/data/{n}-mds.yaml" for n in ("prolong-64k", "prolong-512k", "ultrachat")} <= names
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if is_data_spec(p)], ids=lambda p: p.name)

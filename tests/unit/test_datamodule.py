@@ -174,9 +174,16 @@ def test_bad_data_is_named_before_loading(mixture_dir, prepared_data, tmp_path):
         (
             make_dm(mixture_dir, weights={"a": 1, "b": 1, "c": 1}),
             ValueError,
-            "data.weights: domain 'd' .* has no weight",
+            # both lists named, whichever side lacks a domain
+            r"data.weights: domain 'd' .* has no weight \(data.weights names \['a', 'b', 'c'\]; .* holds "
+            r"\['a', 'b', 'c', 'd'\]\)",
         ),
-        (make_dm(mixture_dir, weights={**WEIGHTS, "e": 1}), ValueError, "data.weights: domain 'e' is not in"),
+        (
+            make_dm(mixture_dir, weights={**WEIGHTS, "e": 1}),
+            ValueError,
+            r"data.weights: domain 'e' is not in .* \(data.weights names \['a', 'b', 'c', 'd', 'e'\]; .* holds "
+            r"\['a', 'b', 'c', 'd'\]\)",
+        ),
         (make_dm(mixture_dir, seq_len=128), ValueError, r"data.seq_len \(128\) must equal .* \(64"),
         (make_dm(mixture_dir, val_samples_per_domain=16), ValueError, "data.val_samples_per_domain .* domain 'c'"),
         (make_dm(mixture_dir, weights={**WEIGHTS, "c": 0.0003}), ValueError, "data.weights: domain 'c' .* no sample"),

@@ -1,5 +1,5 @@
-"""Packing plans (slice, concat and sft), the on-disk token store with optional loss masks, and the written samples
-read back with litdata. References are built independently from the flat token streams."""
+"""Packing plans (slice, slice_pack, concat and sft), the on-disk token store with optional loss masks, and the
+written samples read back with litdata. References are built independently from the flat token streams."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from prolong_lit.data.packing import (
     plan_concat,
     plan_samples,
     plan_sft,
+    plan_slice_pack,
     plan_slices,
     shuffled_order,
 )
@@ -54,6 +55,42 @@ def test_slices_are_consecutive_and_drop_the_remainder(tmp_path):
         np.testing.assert_array_equal(sample[INPUT_IDS], ref)
         assert sample[DOC_LENGTHS].tolist() == [seq_len]  # one document per sample
         assert sample[INPUT_IDS].dtype == np.int32 and sample[DOC_LENGTHS].dtype == np.int32
+
+
+def test_slice_pack_packs_whole_slices_each_its_own_document(tmp_path):
+    slice_length, seq_len = 8, 32  # four slices per row
+    lengths = [8, 20, 33, 64, 7, 17, 40, 9, 31]
+    docs = random_docs(lengths, seed=9)
+    store = store_of(tmp_path, docs)
+    plan, remainder, partial = plan_slice_pack(store.starts, store.lengths, slice_length, seq_len, 3, "books")
+    # reference: every whole slice of every document, as (document, slice index); remainders are what is left
+    slices = [(d, i) for d, n in enumerate(lengths) for i in range(n // slice_length)]
+    assert remainder == sum(n % slice_length for n in lengths) == 0 + 4 + 1 + 0 + 7 + 1 + 0 + 1 + 7
+    assert len(plan) == len(slices) // 4 and partial == len(slices) % 4 * slice_length
+    seen = []
+    for sample, spans in zip(build_all(store, plan, seq_len), plan):
+        assert sample[DOC_LENGTHS].tolist() == [slice_length] * 4  # a document boundary at every slice
+        for k, (a, b) in enumerate(spans):
+            d = int(np.searchsorted(store.starts, a, side="right")) - 1
+            i, offset = divmod(int(a) - store.starts[d], slice_length)
+            assert offset == 0 and b - a == slice_length  # a whole slice, starting at a slice boundary
+            np.testing.assert_array_equal(sample[INPUT_IDS][k * slice_length : (k + 1) * slice_length],
+                                          docs[d][i * slice_length : (i + 1) * slice_length])
+            seen.append((d, i))
+    # every slice at most once; nothing lost but the remainders and the final partial row
+    assert len(set(seen)) == len(seen) == len(slices) - len(slices) % 4 and set(seen) <= set(slices)
+    assert len(seen) * slice_length + remainder + partial == sum(lengths)
+    assert seen != sorted(seen)  # slices shuffled across rows, with the seed
+    again, _, _ = plan_slice_pack(store.starts, store.lengths, slice_length, seq_len, 3, "books")
+    other, _, _ = plan_slice_pack(store.starts, store.lengths, slice_length, seq_len, 4, "books")
+    assert [s.tolist() for s in again] == [s.tolist() for s in plan] != [s.tolist() for s in other]
+    # through plan_samples: the manifest's causes; seq_len must be a multiple of slice_length
+    assert plan_samples("slice_pack", store, seq_len, 3, "books", slice_length)[1] == {
+        "slice_remainder": remainder, "final_partial_sample": partial}
+    with pytest.raises(ValueError, match=r"seq_len \(32\) must be a positive multiple of slice_length \(12\)"):
+        plan_slice_pack(store.starts, store.lengths, 12, seq_len, 3, "books")
+    with pytest.raises(ValueError, match="slice_pack needs a slice_length"):
+        plan_samples("slice_pack", store, seq_len, 3, "books")
 
 
 def test_concat_carries_the_cut_tail_to_the_next_sample(tmp_path):

@@ -132,19 +132,20 @@ def test_stage2_512k(recipe):
     assert data["seq_len"] == 524288 == 512 * K
     assert rows_per_step(fit) == 16 and rows_per_step(fit) * data["seq_len"] == 8 * M  # 8M-token batches
     assert trainer["max_steps"] == 2500
-    assert optimizer(fit)["lr"] == 1e-5 and schedule(fit)["warmup_ratio"] == 0.1
+    # the released train_512K.sh's 5e-6 (its "fix default LR" commit), not the paper's 1e-5
+    assert optimizer(fit)["lr"] == 5e-6 and schedule(fit)["warmup_ratio"] == 0.1
     check_common(fit)
     assert trainer["strategy"]["init_args"]["sequence_parallel_size"] == 8  # --seq_parallel_size 8
     assert data["weights"] == STAGE2_WEIGHTS
-    # the note about the learning rate (base.yaml's 1e-5): the released script's 5e-6, and the setting that follows it
+    # the note about the learning rate: the paper's 1e-5, and the setting that follows it
     stage = REPO / "configs/prolong-8b/stage2-512k.yaml"
     lines = stage.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if "1e-5" in line and line.lstrip().startswith("#"))
+    start = next(i for i, line in enumerate(lines) if "5e-6" in line and line.lstrip().startswith("#"))
     note = lines[start : start + 3]
-    assert any("5e-6" in line for line in note) and any("5.0e-6" in line for line in note)
-    flag = re.search(r"--model\.\S+=5\.0e-6", "\n".join(note)).group(0)
+    assert any("1e-5" in line for line in note) and any("1.0e-5" in line for line in note)
+    flag = re.search(r"--model\.\S+=1\.0e-5", "\n".join(note)).group(0)
     merged = ProLongCLI(args=["--config", str(BASE), "--config", str(stage), flag], parse_only=True).config
-    assert merged.model.init_args.optimizer.init_args.lr == 5e-6
+    assert merged.model.init_args.optimizer.init_args.lr == 1e-5
 
 
 def test_sft(recipe):
@@ -201,13 +202,62 @@ def test_data_specs_prepare_each_domain_with_its_length_filter(recipe):
     assert spec512.seq_len == 524288 and set(spec512.domains) == set(STAGE2_WEIGHTS)
     for name in ("code_repos_512k", "books_512k"):
         assert (spec512.domains[name].mode, spec512.domains[name].min_length) == ("slice", 524288)
-    for name in ("code_repos_64k", "books_64k"):
-        assert spec512.domains[name].min_length == 65536
+    for name in ("code_repos_64k", "books_64k"):  # 64K slices, eight per row, disjoint from the >= 512K documents
+        domain = spec512.domains[name]
+        assert (domain.mode, domain.slice_length, domain.min_length, domain.max_length) == (
+            "slice_pack", 65536, None, 524287)
     assert {spec512.domains[n].sources[0].type for n in ("code_repos_512k", "code_repos_64k")} == {"repos"}
     assert spec512.domains["code_repos_512k"].sources[0].path == spec512.domains["code_repos_64k"].sources[0].path
+    for spec in (spec64, spec512):  # ProLong's stage scripts train on every token of Tulu-v2
+        assert [(s.type, s.loss_on) for s in spec.domains["tulu_v2"].sources] == [("chat", "all")]
 
     sft, _ = parse_config(["--config", "configs/data/ultrachat.yaml"])
     assert sft.seq_len == 65536 and sft.domains["ultrachat"].mode == "sft"
+
+
+# ProLong's released folder of each domain (prolong-data-64K / -512K); dclm-baseline is released but unweighted
+RELEASED_64K = {
+    "code_repos": "thestackv1_concat_by_repo-65536", "books": "book-65536", "textbooks": "textbooks",
+    "fineweb_edu": "fineweb-edu", "fineweb": "fineweb-2023-50", "stackexchange": "stackexchange",
+    "wikipedia": "dolmawiki", "tulu_v2": "tuluv2", "arxiv": "arxiv", "openwebmath": "openwebmath",
+}
+RELEASED_512K = {
+    **{name: folder for name, folder in RELEASED_64K.items() if name not in ("code_repos", "books")},
+    "code_repos_512k": "thestackv1_concat_by_repo-524288", "code_repos_64k": "thestackv1_concat_by_repo-65536",
+    "books_512k": "book-524288", "books_64k": "book-65536",
+}
+
+
+@pytest.mark.parametrize(
+    "mds, raw, released, key",
+    [
+        ("prolong-64k-mds.yaml", "prolong-64k.yaml", RELEASED_64K, "prolong_64k"),
+        ("prolong-512k-mds.yaml", "prolong-512k.yaml", RELEASED_512K, "prolong_512k"),
+        ("ultrachat-mds.yaml", "ultrachat.yaml", {"ultrachat": ""}, "ultrachat"),
+    ],
+)
+def test_released_data_specs_build_what_the_raw_ones_do(mds, raw, released, key, tmp_path):
+    """The -mds data specs build the same directory, domains and row length as the raw-data ones (so the recipe's
+    phases run unchanged on either), each domain from its released folder, under one `paths` entry."""
+    spec, _ = parse_config(["--config", f"configs/data/{mds}"])
+    raw_spec, _ = parse_config(["--config", f"configs/data/{raw}"])
+    assert (spec.output_dir, spec.seq_len, set(spec.domains)) == (
+        raw_spec.output_dir, raw_spec.seq_len, set(raw_spec.domains))
+    assert set(spec.paths) == {key}
+    root = spec.paths[key]
+    for name, folder in released.items():
+        domain = spec.domains[name]
+        assert domain.mode == "rows" and [s.type for s in domain.sources] == ["mds"]
+        assert domain.sources[0].path == f"{root}/{folder}".rstrip("/")
+        assert domain.sources[0].loss_on == ("all" if name == "tulu_v2" else "assistant")
+    text = Path("configs/data", mds).read_text()
+    if key != "ultrachat":  # the one released folder the recipe gives no weight is accounted for
+        assert "dclm-baseline: released, unused by the recipe" in text
+    # the download location is filled in once: changing `paths` moves every source
+    assert text.count(root) == 1
+    (tmp_path / mds).write_text(text.replace(root, "/elsewhere"))
+    moved, _ = parse_config(["--config", str(tmp_path / mds)])
+    assert all(s.path.startswith("/elsewhere") for d in moved.domains.values() for s in d.sources)
 
 
 def test_demo_pipeline_shape():

@@ -15,6 +15,9 @@ BOS, the system and user messages and every header get mask 0.
 Each of these renders must be a token prefix of the whole conversation's render (the template must be
 prefix-stable). A template that is not, for example one that rewrites earlier turns depending on what follows,
 raises an error: the code does not guess.
+
+A conversation whose source sets `loss_on: all` trains on every token (ProLong's stage scripts train on Tulu-v2
+so): it is rendered once and carries no mask, like a text document.
 """
 
 from __future__ import annotations
@@ -63,10 +66,13 @@ def check_chat_sources(
 
 def render_conversation(
     tokenizer: PreTrainedTokenizerBase, conversation: Conversation
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Token ids (int32) of the whole conversation as the chat template renders it, and its loss mask (uint8,
-    1 on assistant tokens: see the module docstring)."""
+    1 on assistant tokens: see the module docstring), or None when `conversation.loss_on` is `all` (every token
+    trains)."""
     messages, where = conversation.messages, conversation.where
+    if conversation.loss_on == "all":
+        return np.asarray(_render(tokenizer, [messages], False, where)[0], np.int32), None
     assistant = [i for i, message in enumerate(messages) if message["role"] == ASSISTANT]
     if assistant and assistant[0] == 0:
         raise ValueError(f"{where}: the conversation opens with an assistant message; nothing prompts it")

@@ -202,14 +202,15 @@ class MixtureDataModule(L.LightningDataModule):
         return {d: self.manifest.domains[d].samples - self.val_samples_per_domain for d in self.domains}
 
     def _validate(self, manifest: Manifest) -> None:
+        # A mismatch either way is an error naming both lists: a typo or a data directory of the wrong stage is
+        # then visible at a glance.
+        both = f"(data.weights names {sorted(self.weights)}; {self.data_dir!r} holds {sorted(manifest.domains)})"
         for name in self.domains:
             if name not in manifest.domains:
-                raise ValueError(
-                    f"data.weights: domain {name!r} is not in {self.data_dir!r} (it holds {sorted(manifest.domains)})"
-                )
+                raise ValueError(f"data.weights: domain {name!r} is not in {self.data_dir!r} {both}")
         for name in sorted(manifest.domains):
             if name not in self.weights:
-                raise ValueError(f"data.weights: domain {name!r} of {self.data_dir!r} has no weight")
+                raise ValueError(f"data.weights: domain {name!r} of {self.data_dir!r} has no weight {both}")
         if manifest.seq_len != self.seq_len:
             raise ValueError(
                 f"data.seq_len ({self.seq_len}) must equal the seq_len the data was prepared with "

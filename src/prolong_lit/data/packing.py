@@ -2,10 +2,13 @@
 
 The kept documents of a domain are appended to a flat on-disk token file (`TokenStore`), so memory stays flat
 however large the domain is. Packing then only plans: each sample is a list of spans `[start, end)` into that
-file, one span per document piece, whose lengths sum to `seq_len`. Three modes, as in ProLong:
+file, one span per document piece, whose lengths sum to `seq_len`. Four modes, as in ProLong:
 
 - `slice` (long data): every document is cut into consecutive `seq_len` slices; each sample is one slice of
   one document; the remainder shorter than `seq_len` is dropped.
+- `slice_pack` (long data, packed shorter): every document is cut into consecutive `slice_length` slices (the
+  remainder dropped), each slice is its own document, and the slices, shuffled with the seed, are packed
+  `seq_len / slice_length` per sample. ProLong's stage-2 `-65536` subsets: 64K slices, eight per 512K row.
 - `concat` (short data): documents, in a given (seeded, shuffled) order, are concatenated and cut every
   `seq_len` tokens; the cut tail of the last document starts the next sample; the final partial sample is
   dropped.
@@ -23,14 +26,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK
 
+if TYPE_CHECKING:
+    from prolong_lit.data.prepare import DomainConfig
+
 TOKEN_DTYPE = np.int32
 MASK_DTYPE = np.uint8
-MODES = ("slice", "concat", "sft")
+MODES = ("slice", "slice_pack", "concat", "sft")
 
 
 class TokenStore:
@@ -92,6 +99,31 @@ def plan_slices(starts: Sequence[int], lengths: Sequence[int], seq_len: int) -> 
     return plan, dropped
 
 
+def plan_slice_pack(
+    starts: Sequence[int], lengths: Sequence[int], slice_length: int, seq_len: int, seed: int, domain: str
+) -> tuple[list[np.ndarray], int, int]:
+    """Cut every document into consecutive `slice_length` slices and pack them `seq_len // slice_length` per
+    sample, in an order shuffled with (`seed`, `domain`), each slice its own document.
+
+    Each slice keeps its own span, so a sample's document lengths are all `slice_length` and attention never
+    crosses a slice boundary, even between two slices of one document that land side by side. Shuffling the
+    slices (not the documents) mixes documents within a row, as ProLong's shuffled release does. Returns the
+    samples (each an int64 array `(seq_len // slice_length, 2)` of spans `[start, end)`), the tokens dropped as
+    remainders shorter than `slice_length`, and the tokens of the slices left over for a final partial sample
+    (dropped).
+    """
+    if slice_length <= 0 or seq_len % slice_length:
+        raise ValueError(f"seq_len ({seq_len}) must be a positive multiple of slice_length ({slice_length})")
+    slices, remainder = plan_slices(starts, lengths, slice_length)
+    per_sample = seq_len // slice_length
+    order = shuffled_order(len(slices), seed, domain)
+    full = len(order) - len(order) % per_sample
+    plan = [
+        np.concatenate([slices[i] for i in order[k : k + per_sample]]) for k in range(0, full, per_sample)
+    ]
+    return plan, remainder, (len(order) - full) * slice_length
+
+
 def plan_concat(
     starts: Sequence[int], lengths: Sequence[int], order: Sequence[int], seq_len: int
 ) -> tuple[list[np.ndarray], int]:
@@ -144,13 +176,19 @@ def plan_sft(
 
 
 def plan_samples(
-    mode: str, store: TokenStore, seq_len: int, seed: int, domain: str
+    mode: str, store: TokenStore, seq_len: int, seed: int, domain: str, slice_length: int | None = None
 ) -> tuple[list[np.ndarray], dict[str, int]]:
-    """The planned samples of a domain in `mode` (slice, concat or sft; concat and sft shuffle the documents
-    with `seed`), and the tokens dropped per cause (the manifest's `dropped_tokens`)."""
+    """The planned samples of a domain in `mode` (slice, slice_pack, concat or sft; slice_pack shuffles the
+    slices, concat and sft the documents, with `seed`), and the tokens dropped per cause (the manifest's
+    `dropped_tokens`). `slice_length` is slice_pack's slice length."""
     if mode == "slice":
         plan, dropped = plan_slices(store.starts, store.lengths, seq_len)
         return plan, {"slice_remainder": dropped}
+    if mode == "slice_pack":
+        if slice_length is None:
+            raise ValueError("mode slice_pack needs a slice_length")
+        plan, remainder, partial = plan_slice_pack(store.starts, store.lengths, slice_length, seq_len, seed, domain)
+        return plan, {"slice_remainder": remainder, "final_partial_sample": partial}
     order = shuffled_order(len(store.lengths), seed, domain)
     if mode == "concat":
         plan, dropped = plan_concat(store.starts, store.lengths, order, seq_len)
@@ -159,6 +197,53 @@ def plan_samples(
         plan, truncated, partial = plan_sft(store.starts, store.lengths, order, seq_len)
         return plan, {"truncated_remainder": truncated, "final_partial_sample": partial}
     raise ValueError(f"unknown packing mode {mode!r} (choose from {', '.join(MODES)})")
+
+
+# ---- which documents a domain keeps ----
+
+
+def length_limits(domain: DomainConfig, seq_len: int) -> tuple[int, int | None]:
+    """The (min, max) document length a domain keeps, defaults applied (see `DomainConfig`); max None = no
+    limit. Slices need documents at least as long as a slice; a conversation longer than seq_len fits no sample."""
+    shortest = {"slice": seq_len, "slice_pack": domain.slice_length}.get(domain.mode) or 1
+    longest = domain.max_length
+    if domain.mode == "sft":
+        longest = seq_len if longest is None else min(longest, seq_len)
+    return domain.min_length or shortest, longest
+
+
+def check_lengths(setting: str, domain: DomainConfig, seq_len: int) -> None:
+    """Raise an error naming `setting` (`domains.<name>`) unless a domain's slice_length (mode slice_pack only),
+    min_length and max_length fit its mode and seq_len."""
+    if domain.mode == "slice_pack":
+        if domain.slice_length is None:
+            raise ValueError(f"{setting}.slice_length: mode slice_pack needs a slice length (e.g. 65536)")
+        if domain.slice_length < 1 or seq_len % domain.slice_length:
+            raise ValueError(
+                f"{setting}.slice_length ({domain.slice_length}): seq_len ({seq_len}) must be a multiple of it, "
+                "so that every sample holds seq_len / slice_length whole slices"
+            )
+    elif domain.slice_length is not None:
+        raise ValueError(f"{setting}.slice_length: only mode slice_pack reads it (mode is {domain.mode})")
+    for key in ("min_length", "max_length"):
+        if getattr(domain, key) is not None and getattr(domain, key) < 1:
+            raise ValueError(f"{setting}.{key}: must be >= 1 (got {getattr(domain, key)})")
+    needed = {"slice": ("seq_len", seq_len), "slice_pack": ("slice_length", domain.slice_length)}.get(domain.mode)
+    if needed and domain.min_length is not None and domain.min_length < needed[1]:
+        raise ValueError(
+            f"{setting}.min_length ({domain.min_length}) must be >= {needed[0]} ({needed[1]}) in {domain.mode} "
+            "mode: a shorter document gives no slice (use mode: concat to pack short documents)"
+        )
+    if domain.mode == "sft" and domain.max_length is not None and domain.max_length > seq_len:
+        raise ValueError(
+            f"{setting}.max_length ({domain.max_length}) must be <= seq_len ({seq_len}) in sft mode: a longer "
+            "conversation fits no sample"
+        )
+    shortest, longest = length_limits(domain, seq_len)
+    if longest is not None and longest < shortest:
+        raise ValueError(
+            f"{setting}.max_length ({longest}) is below the minimum length ({shortest}): no document would be kept"
+        )
 
 
 def shuffled_order(num_docs: int, seed: int, domain: str) -> np.ndarray:
@@ -203,10 +288,16 @@ class SampleBuilder:
         doc_lengths = (spans[:, 1] - spans[:, 0]).astype(np.int32)
         if int(doc_lengths.sum()) != self.seq_len or (doc_lengths <= 0).any():
             raise AssertionError(f"a planned sample has document lengths {doc_lengths.tolist()}, not {self.seq_len}")
-        sample = {
-            INPUT_IDS: np.concatenate([self._tokens[a:b] for a, b in spans]).astype(np.int32),
-            DOC_LENGTHS: doc_lengths,
-        }
+        sample = {INPUT_IDS: _gather(self._tokens, spans), DOC_LENGTHS: doc_lengths}
         if self._mask is not None:
-            sample[LOSS_MASK] = np.concatenate([self._mask[a:b] for a, b in spans]).astype(np.uint8)
+            sample[LOSS_MASK] = _gather(self._mask, spans)
         return sample
+
+
+def _gather(values: np.memmap, spans: np.ndarray) -> np.ndarray:
+    """values[a:b] of every span, concatenated, as a plain ndarray. Contiguous spans (a whole row of mode rows,
+    one slice) give a read-only view of the memory map, not a copy: litdata serializes it with `tobytes` either
+    way, so the stored bytes are the same."""
+    if len(spans) == 1 or bool((spans[1:, 0] == spans[:-1, 1]).all()):
+        return values[spans[0, 0]:spans[-1, 1]].view(np.ndarray)
+    return np.concatenate([values[a:b] for a, b in spans]).view(np.ndarray)

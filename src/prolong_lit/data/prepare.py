@@ -8,7 +8,7 @@ number of workers), filtered by length, stored in scratch token files beside the
 samples (see `packing.py`), and only then written: the old output (with --overwrite) is removed, each domain is
 written by `litdata.optimize` with ONE ordered worker, and `manifest.json` comes last. The same input and
 settings give the same bytes in every output file. Chat sources (mode sft) are rendered with the tokenizer's
-chat template and carry a loss mask on the assistant tokens (see `chat.py`).
+chat template and carry a loss mask on the assistant tokens (see `chat.py`; none with `loss_on: all`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import multiprocessing as mp
 import re
 import shutil
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,16 @@ import numpy as np
 
 from prolong_lit.data.chat import check_chat_sources, render_conversation
 from prolong_lit.data.format import MANIFEST_NAME, DomainStats, Manifest
-from prolong_lit.data.packing import MODES, SampleBuilder, TokenStore, max_token_id, plan_samples
+from prolong_lit.data.packing import (
+    MODES,
+    SampleBuilder,
+    TokenStore,
+    check_lengths,
+    length_limits,
+    max_token_id,
+    plan_samples,
+)
+from prolong_lit.data.rows import MDS_SOURCE, ROWS_MODE, RowStore, build_rows_domain, check_rows_domain
 from prolong_lit.data.sources import CHAT_SOURCE_TYPES, Conversation, SourceConfig, iter_documents, validate_source
 
 if TYPE_CHECKING:
@@ -55,20 +65,33 @@ class DomainConfig:
 
     Args:
         sources: the raw document sources, read in order.
-        mode: `slice` (long data: each sample is a slice of one document, remainders dropped), `concat`
-            (short data: documents shuffled with the seed, concatenated and cut; a cut tail starts the next
-            sample; the final partial sample is dropped) or `sft` (chat sources only: conversations shuffled
-            with the seed and concatenated, with a loss mask on assistant tokens; the conversation that does not
-            fit fills the sample with its prefix and the rest is discarded; conversations longer than seq_len
-            are dropped and counted as documents.dropped_too_long). Chat sources may also feed a concat domain
-            (their loss mask rides along), not a slice one.
-        min_length: drop documents with fewer tokens (BOS/EOS included). Default: seq_len for slice, 1 for
-            concat and sft. In slice mode it must be at least seq_len (shorter documents give no slice).
+        mode: `slice` (long data: each sample is a slice of one document, remainders dropped), `slice_pack`
+            (long data packed shorter: each document cut into consecutive `slice_length` slices, remainders
+            dropped, each slice its own document; the slices shuffled with the seed and packed
+            seq_len / slice_length per sample; the slices left over for a final partial sample are dropped),
+            `concat` (short data: documents shuffled with the seed, concatenated and cut; a cut tail starts the
+            next sample; the final partial sample is dropped) or `sft` (chat sources only: conversations
+            shuffled with the seed and concatenated, with a loss mask on assistant tokens; the conversation that
+            does not fit fills the sample with its prefix and the rest is discarded; conversations longer than
+            seq_len are dropped and counted as documents.dropped_too_long). Chat sources may also feed a concat
+            domain (their loss mask rides along), not a slice or slice_pack one. Tokens dropped are counted per
+            cause in the manifest's dropped_tokens. Mode `rows` reads `mds` sources only (ProLong's released
+            data, already tokenized and packed): every stored row becomes one sample as it is (see rows.py).
+        min_length: drop documents with fewer tokens (BOS/EOS included). Default: seq_len for slice,
+            slice_length for slice_pack, 1 for concat and sft. In slice (slice_pack) mode it must be at least
+            seq_len (slice_length): a shorter document gives no slice.
+        max_length: drop documents with more tokens, counted as documents.dropped_too_long (default: no limit;
+            seq_len in sft mode, where it may not exceed seq_len). E.g. slice_pack with slice_length 65536 and
+            max_length 524287 keeps the 64K..512K documents: disjoint from a slice domain of min_length 524288.
+        slice_length: the slice length of mode slice_pack (required there, unused elsewhere); seq_len must be a
+            multiple of it.
     """
 
     sources: list[SourceConfig]
     mode: str = "concat"
     min_length: int | None = None
+    max_length: int | None = None
+    slice_length: int | None = None
 
 
 @dataclass
@@ -80,13 +103,18 @@ class PrepareConfig:
         output_dir: the prepared data directory (manifest.json + one litdata directory per domain).
         domains: domain name -> how to build it (the name is the directory name).
         seq_len: the packing length: tokens per sample.
-        num_workers: tokenization processes (0 or 1: tokenize in this process).
-        seed: seeds the shuffle of documents in concat and sft domains.
+        num_workers: tokenization processes (mode rows: shard-reading processes; 0 or 1: in this process).
+        seed: seeds the shuffle of documents in concat and sft domains (of slices in slice_pack domains).
         append_eos: append `eos_token` where each text document ends (BOS is whatever the tokenizer adds
             itself). Conversations end as the chat template ends them (Llama-3: `<|eot_id|>`).
         eos_token: the end-of-document token; default `<|end_of_text|>` when the tokenizer has it (Llama-3),
             else the tokenizer's eos_token.
         chunk_bytes: litdata chunk file size.
+        paths: free-form named settings that the rest of the file refers to as `${paths.<name>}` (the data
+            spec is read in omegaconf mode), so a config names a location once (e.g. `paths: {prolong_64k:
+            /data/prolong-data-64K}` and `path: ${paths.prolong_64k}/book-65536`). Not read by `prepare`
+            itself. References are resolved when the file is read: a `--paths.<name>` flag after `--config`
+            does not move them; edit the file (or pass a second `--config` holding the whole data spec).
     """
 
     tokenizer: str
@@ -98,13 +126,14 @@ class PrepareConfig:
     append_eos: bool = True
     eos_token: str | None = None
     chunk_bytes: str = "64MB"
+    paths: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class _Built:
     """One domain, tokenized and planned, not yet written."""
 
-    store: TokenStore
+    store: TokenStore | RowStore
     plan: list[np.ndarray]
     stats: DomainStats
 
@@ -175,22 +204,20 @@ def _check_domain(name: str, domain: DomainConfig, seq_len: int) -> None:
     setting = f"domains.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name):
         raise ValueError(f"{setting}: a domain name must be a plain directory name (letters, digits, _ . -)")
-    if domain.mode not in MODES:
-        raise ValueError(f"{setting}.mode: unknown mode {domain.mode!r} (choose from {', '.join(MODES)})")
-    if domain.min_length is not None and domain.min_length < 1:
-        raise ValueError(f"{setting}.min_length: must be >= 1 (got {domain.min_length})")
-    if domain.mode == "slice" and domain.min_length is not None and domain.min_length < seq_len:
-        raise ValueError(
-            f"{setting}.min_length ({domain.min_length}) must be >= seq_len ({seq_len}) in slice mode: "
-            "a shorter document gives no slice (use mode: concat to pack short documents)"
-        )
+    if domain.mode not in (*MODES, ROWS_MODE):
+        raise ValueError(f"{setting}.mode: unknown mode {domain.mode!r} (choose from {', '.join((*MODES, ROWS_MODE))})")
+    if domain.mode == ROWS_MODE or any(source.type == MDS_SOURCE for source in domain.sources):
+        return check_rows_domain(setting, domain, seq_len)  # stored rows: none of the checks below apply
+    check_lengths(setting, domain, seq_len)
     if not domain.sources:
         raise ValueError(f"{setting}.sources: no source configured")
     for i, source in enumerate(domain.sources):
         if domain.mode == "sft" and source.type not in CHAT_SOURCE_TYPES:
             raise ValueError(f"{setting}.sources[{i}].type: mode sft reads chat sources only (got {source.type})")
-        if domain.mode == "slice" and source.type in CHAT_SOURCE_TYPES:
-            raise ValueError(f"{setting}.mode: a chat source (sources[{i}]) needs mode sft (or concat), not slice")
+        if domain.mode in ("slice", "slice_pack") and source.type in CHAT_SOURCE_TYPES:
+            raise ValueError(
+                f"{setting}.mode: a chat source (sources[{i}]) needs mode sft (or concat), not {domain.mode}"
+            )
         validate_source(source, f"{setting}.sources[{i}]")
 
 
@@ -274,8 +301,10 @@ def _build_domain(name: str, config: PrepareConfig, tokenizer, eos_id: int | Non
     from tqdm import tqdm
 
     domain = config.domains[name]
-    min_length = domain.min_length or (config.seq_len if domain.mode == "slice" else 1)
-    max_length = config.seq_len if domain.mode == "sft" else None  # a longer conversation fits no sample
+    if domain.mode == ROWS_MODE:
+        args = (config.seq_len, len(tokenizer), config.num_workers, scratch, START_METHOD)
+        return _Built(*build_rows_domain(name, domain, *args))
+    min_length, max_length = length_limits(domain, config.seq_len)
     store = TokenStore(scratch, name)
     read = dropped = too_long = 0
     documents = (
@@ -294,9 +323,9 @@ def _build_domain(name: str, config: PrepareConfig, tokenizer, eos_id: int | Non
     store.close()
     kept = read - dropped - too_long
     documents_stats = {"read": read, "kept": kept, "dropped_min_length": dropped}
-    if domain.mode == "sft":
+    if max_length is not None:
         documents_stats["dropped_too_long"] = too_long
-    plan, dropped_tokens = plan_samples(domain.mode, store, config.seq_len, config.seed, name)
+    plan, dropped_tokens = plan_samples(domain.mode, store, config.seq_len, config.seed, name, domain.slice_length)
     if not plan:
         raise ValueError(
             f"domains.{name}: no sample of {config.seq_len} tokens (read {read} documents, kept {kept} of at least "
@@ -322,8 +351,10 @@ def write_domain(store: TokenStore, plan: list[np.ndarray], seq_len: int, out: P
     """Write the planned samples of one domain into the litdata directory `out`."""
     from litdata import optimize
 
-    builder = SampleBuilder(store.tokens_path, store.mask_path if store.has_mask else None, seq_len)
+    builder = _WriterFn(SampleBuilder(store.tokens_path, store.mask_path if store.has_mask else None, seq_len))
     previous = mp.get_start_method(allow_none=True)
+    hasher = _ChunkHasher(Path(out))
+    hasher.start()
     try:
         # One worker fed the samples in order (no reordering, no shared queue): chunk contents and names are
         # then a function of the plan alone.
@@ -340,22 +371,109 @@ def write_domain(store: TokenStore, plan: list[np.ndarray], seq_len: int, out: P
         )
     finally:
         mp.set_start_method(previous, force=True)  # litdata sets the start method process-wide
-    _pin_index_timestamp(Path(out))
+        hasher.finish()
+    _pin_index_timestamp(Path(out), hasher)
 
 
-def _pin_index_timestamp(out: Path) -> None:
+class _WriterFn:
+    """optimize's fn, run in litdata's writer process: the SampleBuilder, and before its first sample glibc is told
+    to keep freed memory in the heap (`_reuse_freed_memory`)."""
+
+    def __init__(self, builder: SampleBuilder) -> None:
+        self.builder = builder
+        self.tuned = False
+
+    def __call__(self, spans: np.ndarray) -> dict[str, np.ndarray]:
+        if not self.tuned:
+            _reuse_freed_memory()
+            self.tuned = True
+        return self.builder(spans)
+
+
+def _reuse_freed_memory() -> None:
+    """In litdata's writer process (only there: it exits when the domain is written): serve every allocation
+    from the heap and keep what is freed. litdata copies each chunk twice through fresh chunk-sized buffers
+    (~64 MB), which glibc would otherwise mmap and unmap each time, paying a page fault per 4 KiB on every
+    copy: a third of the writer's time. The heap then stays at the writer's peak (a chunk and its copies),
+    which does not grow with the data. No effect where the C library is not glibc."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
+class _ChunkHasher(threading.Thread):
+    """Hashes the chunk files of `out` in order while litdata's writer process is still writing the later ones
+    (this process only waits for it meanwhile; on two cores the sha256 then costs no wall time).
+
+    litdata's one worker writes chunk `chunk-0-<k>.bin` whole (opened, written, closed) before it creates
+    `chunk-0-<k+1>.bin`, so a chunk is complete once the next one exists; the last one is left to
+    `_pin_index_timestamp`, which also checks the hashed files against the final index (names in order, sizes)
+    and hashes everything again if they disagree: the digest never depends on this thread's timing.
+    """
+
+    POLL_S = 0.02
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(name="chunk-hasher", daemon=True)
+        self.out = out
+        self.digest = hashlib.sha256()
+        self.hashed: list[tuple[str, int]] = []  # (file name, bytes hashed), in order
+        self.failed = False
+        self._finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while True:
+                stopping = self._finished.is_set()
+                while (self.out / f"chunk-0-{len(self.hashed) + 1}.bin").exists():
+                    name = f"chunk-0-{len(self.hashed)}.bin"
+                    self.hashed.append((name, _hash_file(self.out / name, self.digest)))
+                if stopping:
+                    return
+                self._finished.wait(self.POLL_S)
+        except OSError:
+            self.failed = True  # _pin_index_timestamp hashes every chunk itself
+
+    def finish(self) -> None:
+        self._finished.set()
+        self.join()
+
+
+def _hash_file(path: Path, digest) -> int:
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            digest.update(block)
+            size += len(block)
+    return size
+
+
+def _pin_index_timestamp(out: Path, hasher: _ChunkHasher | None = None) -> None:
     """Replace index.json's `updated_at` (a wall-clock time) by a digest of the chunk files.
 
     litdata only uses it to name and invalidate its cache of a remote copy; a content digest serves that
-    purpose and makes the output byte-identical across runs.
+    purpose and makes the output byte-identical across runs. The digest is the sha256 of the chunk files'
+    bytes, concatenated in index order; `hasher` may have hashed a prefix of them already.
     """
     index_path = out / "index.json"
     index = json.loads(index_path.read_text())
-    digest = hashlib.sha256()
-    for chunk in index["chunks"]:
-        with open(out / chunk["filename"], "rb") as f:
-            while block := f.read(1 << 23):
-                digest.update(block)
+    names = [chunk["filename"] for chunk in index["chunks"]]
+    done = hasher.hashed if hasher is not None and not hasher.failed else []
+    if done and done == [(name, (out / name).stat().st_size) for name in names[: len(done)]]:
+        digest = hasher.digest
+    else:
+        digest, done = hashlib.sha256(), []
+    for name in names[len(done):]:
+        _hash_file(out / name, digest)
     index["updated_at"] = digest.hexdigest()[:32]
     index_path.write_text(json.dumps(index, sort_keys=True))
 
@@ -369,8 +487,11 @@ def build_parser(prog: str = "python -m prolong_lit prepare") -> ArgumentParser:
     and a pipeline phase's `prepare:` list both take them, so the grammar lives here, below both."""
     from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
+    # omegaconf mode: a data spec may refer to its own settings, e.g. `path: ${paths.prolong_64k}/book-65536`
     parser = ArgumentParser(
-        prog=prog, description="Tokenize, filter and pack raw documents into litdata shards (one directory per domain)."
+        prog=prog,
+        description="Tokenize, filter and pack raw documents into litdata shards (one directory per domain).",
+        parser_mode="omegaconf",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of the settings below")
     parser.add_class_arguments(PrepareConfig, as_group=False)

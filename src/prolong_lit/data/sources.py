@@ -12,7 +12,8 @@ Chat sources yield `Conversation`s instead of text. `chat` (jsonl, jsonl.gz or p
 each record's `messages` list of {role, content}, roles system/user/assistant, checked as it is read so a bad
 record is named by file and line (jsonl) or row (parquet). `python_docstring_chats` (built in, the demo's SFT
 data): one short synthetic exchange per public function, class and method of the standard library, the user
-asking what `module.name` does and the assistant answering with the first paragraph of its docstring.
+asking what `module.name` does and the assistant answering with the first paragraph of its docstring. A chat
+source trains on the assistant replies, or with `loss_on: all` on every token (no loss mask).
 """
 
 from __future__ import annotations
@@ -36,21 +37,26 @@ FILE_SOURCE_TYPES = ("jsonl", "parquet", "text", "repos", "chat")
 BUILTIN_SOURCE_TYPES = ("python_stdlib_packages", "pydoc_topics", "python_docstrings", "python_docstring_chats")
 SOURCE_TYPES = FILE_SOURCE_TYPES + BUILTIN_SOURCE_TYPES
 CHAT_SOURCE_TYPES = ("chat", "python_docstring_chats")  # the sources that yield Conversations
+# the sources of plain text, which trains on every token (loss_on is for sources that hold a loss mask)
+TEXT_SOURCE_TYPES = ("jsonl", "parquet", "text", "repos", "python_stdlib_packages", "pydoc_topics", "python_docstrings")
 # Which files of a directory `path` a file source reads when `pattern` is not set (searched recursively).
 DEFAULT_PATTERNS = {"jsonl": "*.jsonl*", "parquet": "*.parquet", "text": "*.txt", "repos": "*"}
 # The files a chat source reads under a directory when `pattern` is not set; `.parquet` is read as parquet,
 # anything else as jsonl (plain or gzip).
 CHAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 CHAT_ROLES = ("system", "user", "assistant")
+LOSS_ON = ("assistant", "all")  # a chat source's tokens that train (SourceConfig.loss_on)
 
 
 @dataclass
 class Conversation:
-    """One chat record: its messages ({"role", "content"} dicts, roles in CHAT_ROLES) and where it was read
-    (`<file> line <n>` or `<file> row <n>`), so later errors (the chat template) can name the record."""
+    """One chat record: its messages ({"role", "content"} dicts, roles in CHAT_ROLES), where it was read
+    (`<file> line <n>` or `<file> row <n>`), so later errors (the chat template) can name the record, and which
+    tokens train (`loss_on`, its source's setting: see SourceConfig)."""
 
     messages: list[dict[str, str]]
     where: str
+    loss_on: str = "assistant"
 
     @property
     def num_chars(self) -> int:
@@ -73,6 +79,10 @@ class SourceConfig:
             ending in .jsonl, .jsonl.gz or .parquet).
         exclude: names to skip: repository directories (repos, python_stdlib_packages) or top-level standard
             library modules/packages (python_docstrings, python_docstring_chats).
+        loss_on: which tokens of a chat source's conversations train: `assistant` (the replies and their
+            closing token; the prompts are masked, as in SFT) or `all` (every token, like a text document: no
+            loss mask; ProLong's stage scripts train on Tulu-v2 this way). Text sources (jsonl, parquet, text,
+            repos and the built-in text sources) train on every token and accept only the default.
     """
 
     type: str
@@ -81,6 +91,7 @@ class SourceConfig:
     messages_field: str = "messages"
     pattern: str | None = None
     exclude: list[str] = field(default_factory=list)
+    loss_on: str = "assistant"
 
 
 def validate_source(source: SourceConfig, setting: str) -> None:
@@ -100,6 +111,12 @@ def validate_source(source: SourceConfig, setting: str) -> None:
             raise NotADirectoryError(f"{setting}.path: {source.path!r} must be a directory of repositories")
     elif source.path is not None:
         raise ValueError(f"{setting}.path: the built-in source {source.type} reads no path (got {source.path!r})")
+    if source.loss_on not in LOSS_ON:
+        raise ValueError(f"{setting}.loss_on: {source.loss_on!r} is not one of {', '.join(LOSS_ON)}")
+    if source.loss_on != "assistant" and source.type in TEXT_SOURCE_TYPES:
+        raise ValueError(
+            f"{setting}.loss_on: only chat sources have prompt tokens to mask (a {source.type} source trains on all)"
+        )
     if next(iter_documents(source, setting), None) is None:
         where = f" at {source.path!r}" if source.path else ""
         raise ValueError(f"{setting}: the {source.type} source{where} holds no documents")
@@ -220,7 +237,9 @@ def _chat_files(source: SourceConfig) -> list[Path]:
 def _read_chat(source: SourceConfig, setting: str) -> Iterator[Conversation]:
     for path in _chat_files(source):
         reader = _read_chat_parquet if path.name.endswith(".parquet") else _read_chat_jsonl
-        yield from reader(path, source.messages_field, setting)
+        for conversation in reader(path, source.messages_field, setting):
+            conversation.loss_on = source.loss_on
+            yield conversation
 
 
 def _read_chat_parquet(path: Path, field_name: str, setting: str) -> Iterator[Conversation]:
@@ -319,7 +338,7 @@ def _read_docstring_chats(source: SourceConfig, setting: str) -> Iterator[Conver
             question = CHAT_QUESTIONS[zlib.crc32(name.encode()) % len(CHAT_QUESTIONS)]
             messages = [{"role": "user", "content": question.format(name=f"{module}.{name}")},
                         {"role": "assistant", "content": answer}]
-            yield Conversation(messages=messages, where=f"{path} {name}")
+            yield Conversation(messages=messages, where=f"{path} {name}", loss_on=source.loss_on)
 
 
 def public_api_summaries(code: bytes | str) -> Iterator[tuple[str, str]]:
@@ -369,6 +388,7 @@ def python_docstrings(code: bytes | str) -> Iterator[str]:
 __all__ = [
     "CHAT_ROLES",
     "CHAT_SOURCE_TYPES",
+    "LOSS_ON",
     "SOURCE_TYPES",
     "REPO_FILE_HEADER",
     "Conversation",

@@ -1,0 +1,288 @@
+"""Mode `rows`: already tokenized and packed MDS datasets (ProLong's released data) as prepared domains.
+
+Every stored row becomes exactly one sample: nothing is re-tokenized, re-shuffled or repacked. A domain in mode
+rows reads `{type: mds, path: DIR}` sources only (DIR holds an MDS `index.json`, a single shard folder or a
+merged root; see mds.py), and an mds source feeds mode rows only. Rows follow the sources in order, each in its
+index's shard order. A row's columns become the sample's fields (format.py):
+
+- `input_ids` (a 1-D integer ndarray of exactly seq_len ids, each below the tokenizer's vocabulary size) ->
+  int32 `input_ids`;
+- `indices` ((n, 2) [start, end) document spans, sorted, not overlapping, inside the row) -> `doc_lengths`.
+  Tokens no span covers: each maximal uncovered run becomes a document of its own with loss_mask 0, so it is
+  neither trained on nor attended to by the spans' documents; their count goes to the manifest's
+  `dropped_tokens.uncovered` (the tokens stay in the row: it keeps its seq_len) and the runs to
+  `documents.uncovered_gaps`. An empty span (start == end) holds no token and is skipped
+  (`documents.empty_spans`). Without an `indices` column a row is one document (ProLong's `single_seq`);
+- `mask` (0/1 per token, 1 = train) -> `loss_mask`, unless the source says `loss_on: all` (its stored mask is
+  not read: every token of its spans trains, as ProLong's stage scripts train on Tulu-v2). A domain with a mask
+  or an uncovered gap anywhere gets a loss mask everywhere (1 where a row has neither);
+- `length`, when present, must equal the row's token count. `domain` and other columns are not read.
+
+Any bad row stops `prepare` with an error naming the source setting, the shard file and the sample index,
+before the output directory is touched: `prepare` validates every index and shard header first
+(`check_rows_domain`), then converts every row into scratch files (`build_rows_domain`), and only then writes.
+Shards are converted by `num_workers` processes, each writing its rows at their precomputed place in the scratch
+token file, so the output is the same bytes whatever the number of workers; a process holds one shard at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prolong_lit.data.format import DomainStats
+from prolong_lit.data.mds import SCALARS, Shard, check_columns, check_shard, iter_samples, read_index
+from prolong_lit.data.sources import LOSS_ON
+
+ROWS_MODE = "rows"
+MDS_SOURCE = "mds"
+INPUT_IDS, INDICES, MASK, LENGTH = "input_ids", "indices", "mask", "length"
+READ_COLUMNS = (INPUT_IDS, INDICES, MASK, LENGTH)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RowStore:
+    """A domain's converted rows in scratch files, laid out as packing.TokenStore's (the fields write_domain
+    reads): int32 tokens, row after row, and a uint8 loss mask beside them when `has_mask`."""
+
+    tokens_path: Path
+    mask_path: Path
+    has_mask: bool = False
+
+
+def check_rows_domain(setting: str, domain: Any, seq_len: int) -> None:
+    """Before any work: mode rows and mds sources go together, and every shard of every source is readable
+    (index entries, files, sizes, headers, the columns rows mode decodes). `domain` is a prepare.DomainConfig."""
+    for i, source in enumerate(domain.sources):
+        if domain.mode != ROWS_MODE and source.type == MDS_SOURCE:
+            raise ValueError(
+                f"{setting}.sources[{i}].type: an mds source holds rows already tokenized and packed; it needs "
+                f"mode rows (got mode {domain.mode})"
+            )
+        if domain.mode == ROWS_MODE and source.type != MDS_SOURCE:
+            raise ValueError(f"{setting}.sources[{i}].type: mode rows reads mds sources only (got {source.type})")
+        if source.loss_on not in LOSS_ON:
+            raise ValueError(f"{setting}.sources[{i}].loss_on: {source.loss_on!r} is not one of {', '.join(LOSS_ON)} "
+                             "(assistant: the stored mask column, if any; all: every token of the spans trains)")
+    for key in ("min_length", "max_length", "slice_length"):
+        if getattr(domain, key, None) is not None:
+            raise ValueError(f"{setting}.{key}: mode rows keeps every stored row as it is; leave {key} unset")
+    if not domain.sources:
+        raise ValueError(f"{setting}.sources: no source configured")
+    for i, source in enumerate(domain.sources):
+        shards = _source_shards(source, f"{setting}.sources[{i}].path", seq_len)
+        for shard in shards:
+            check_shard(shard, f"{setting}.sources[{i}].path")
+        if not sum(shard.samples for shard in shards):
+            raise ValueError(f"{setting}.sources[{i}]: the mds source at {source.path!r} holds no rows")
+
+
+def _source_shards(source: Any, setting: str, seq_len: int) -> list[Shard]:
+    """The shards of one mds source, their columns checked (not yet their files)."""
+    if not source.path:
+        raise ValueError(f"{setting}: an mds source needs a path (a folder with an MDS index.json)")
+    if not Path(source.path).is_dir():
+        raise FileNotFoundError(f"{setting}: {source.path!r} is not a directory")
+    shards = read_index(source.path, setting)
+    for shard in shards:
+        encodings = dict(zip(shard.column_names, shard.column_encodings))
+        if INPUT_IDS not in encodings:
+            raise ValueError(f"{setting}: {shard.path} has no {INPUT_IDS!r} column (columns: {shard.column_names})")
+        check_columns(shard, READ_COLUMNS, setting)  # decodable (pkl refused), sizes as the encodings say
+        for column in (INPUT_IDS, INDICES, MASK):
+            if column in encodings and not encodings[column].startswith("ndarray"):
+                raise ValueError(f"{setting}: {shard.path}: column {column!r} must be an ndarray, "
+                                 f"its encoding is {encodings[column]!r}")
+        if LENGTH in encodings and np.dtype(SCALARS.get(encodings[LENGTH], "f4")).kind not in "ui":
+            raise ValueError(f"{setting}: {shard.path}: column {LENGTH!r} must be an integer, "
+                             f"its encoding is {encodings[LENGTH]!r}")
+        shape = encodings[INPUT_IDS].split(":")[2:]
+        if shape and shape[0] != str(seq_len):
+            raise ValueError(f"{setting}: {shard.path}: rows of shape ({shape[0]},) (column {INPUT_IDS} "
+                             f"{encodings[INPUT_IDS]}); seq_len is {seq_len}, prepare with seq_len: {shape[0]}")
+    return shards
+
+
+def convert_row(sample: dict, seq_len: int, vocab_size: int, where: str) -> tuple[np.ndarray, np.ndarray,
+                                                                                   np.ndarray | None, Counter]:
+    """(int32 input_ids, int32 doc_lengths, uint8 loss mask or None, counts) of one stored row; see the module
+    docstring for the rules. Raises ValueError naming `where` (file and sample) for a bad row."""
+    ids = sample[INPUT_IDS]
+    if ids.ndim != 1 or ids.dtype.kind not in "ui":
+        raise ValueError(f"{where}: {INPUT_IDS} must be a 1-D integer array (got {ids.dtype} of shape {ids.shape})")
+    if len(ids) != seq_len:
+        raise ValueError(f"{where}: a row of {len(ids)} tokens; seq_len is {seq_len} and mode rows keeps rows as "
+                         "stored (prepare with the seq_len the data was packed at)")
+    if LENGTH in sample and int(sample[LENGTH]) != len(ids):
+        raise ValueError(f"{where}: column {LENGTH!r} says {sample[LENGTH]} tokens, the row holds {len(ids)}")
+    if len(ids) and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):  # two reductions, no temporary array
+        at = int(np.argmax((ids >= vocab_size) | (ids < 0)))
+        raise ValueError(f"{where}: token id {int(ids[at])} at position {at} is outside the tokenizer's "
+                         f"vocabulary of {vocab_size}")
+    mask = None
+    if MASK in sample:
+        mask = sample[MASK]
+        if mask.shape != (seq_len,) or mask.dtype.kind not in "ui" or mask.min() < 0 or mask.max() > 1:
+            raise ValueError(f"{where}: {MASK} must be {seq_len} values of 0 or 1 (got shape {mask.shape})")
+        mask = mask.astype(np.uint8)
+    spans = _spans(sample.get(INDICES), seq_len, where)
+    covered = spans[spans[:, 1] > spans[:, 0]]  # empty spans hold no token
+    # gap k: the uncovered run before span k; the tail: after the last span. Each is its own document.
+    gap_starts = np.concatenate([[0], covered[:, 1]])[: len(covered)]
+    pieces = np.stack([covered[:, 0] - gap_starts, covered[:, 1] - covered[:, 0]], axis=1).ravel()
+    tail = seq_len - (int(covered[-1, 1]) if len(covered) else 0)
+    lengths = np.concatenate([pieces, [tail]])
+    gaps = [(int(a), int(b)) for a, b in zip(gap_starts, covered[:, 0]) if b > a]
+    gaps += [(seq_len - tail, seq_len)] if tail else []
+    for a, b in gaps:  # never trained on
+        mask = np.ones(seq_len, np.uint8) if mask is None else mask
+        mask[a:b] = 0
+    counts = Counter(read=len(spans), kept=len(covered), empty_spans=len(spans) - len(covered),
+                     uncovered_gaps=len(gaps), uncovered=sum(b - a for a, b in gaps))
+    return ids.astype(np.int32), lengths[lengths > 0].astype(np.int32), mask, counts
+
+
+def _spans(indices: np.ndarray | None, seq_len: int, where: str) -> np.ndarray:
+    """The row's [start, end) spans as int64 (n, 2), checked: integer, start <= end, sorted, not overlapping,
+    inside the row. No indices column: one span over the whole row."""
+    if indices is None:
+        return np.array([[0, seq_len]], np.int64)
+    if indices.ndim != 2 or indices.shape[1] != 2 or indices.dtype.kind not in "ui":
+        raise ValueError(f"{where}: {INDICES} must be integer [start, end) pairs of shape (n, 2), got "
+                         f"{indices.dtype} {indices.shape}")
+    spans = indices.astype(np.int64)
+    starts, stops = spans[:, 0], spans[:, 1]
+    before = np.concatenate([[[0, 0]], spans[:-1]])  # the span before each one
+    problems = [  # in the order they are reported for one span
+        ((starts < 0) | (stops < starts), "is not a span (start > end)"),
+        (stops > seq_len, f"runs past the row of {seq_len} tokens"),
+        (starts < before[:, 0], "is out of order: {INDICES} are not sorted by start"),
+        (starts < before[:, 1], "overlaps the span before it"),
+    ]
+    flagged = np.logical_or.reduce([flags for flags, _ in problems])
+    if flagged.any():
+        k = int(np.argmax(flagged))
+        what = next(message for flags, message in problems if flags[k])
+        previous = f" (after [{before[k, 0]}, {before[k, 1]}))" if k else ""
+        raise ValueError(f"{where}: {INDICES}[{k}] = [{starts[k]}, {stops[k]}) " + what.format(INDICES=INDICES)
+                         + previous)
+    return spans
+
+
+@dataclass
+class _ShardTask:
+    shard: Shard
+    setting: str
+    seq_len: int
+    vocab_size: int
+    first_row: int  # the shard's first row in the domain: its place in the scratch files
+    tokens_path: Path
+    mask_path: Path
+    columns: tuple[str, ...]  # READ_COLUMNS, less the mask when the source says loss_on: all
+
+
+@dataclass
+class _ShardResult:
+    doc_lengths: list[np.ndarray]  # per row
+    wrote_mask: bool
+    counts: Counter
+    max_token_id: int
+
+
+def _convert_shard(task: _ShardTask) -> _ShardResult:
+    """Convert and check every row of one shard; write its tokens (and mask, if it has one) into the scratch
+    files at its rows' place."""
+    n, seq_len = task.shard.samples, task.seq_len
+    ids = np.empty((n, seq_len), np.int32)
+    mask = None
+    lengths, counts = [], Counter()
+    for k, sample in iter_samples(task.shard, task.columns, task.setting):
+        where = f"{task.setting}: {task.shard.path} sample {k}"
+        ids[k], doc_lengths, row_mask, row_counts = convert_row(sample, seq_len, task.vocab_size, where)
+        if row_mask is not None:
+            mask = np.ones((n, seq_len), np.uint8) if mask is None else mask
+            mask[k] = row_mask
+        lengths.append(doc_lengths)
+        counts.update(row_counts)
+    _write_at(task.tokens_path, task.first_row * seq_len * ids.itemsize, ids)
+    if mask is not None:
+        _write_at(task.mask_path, task.first_row * seq_len, mask)
+    return _ShardResult(lengths, mask is not None, counts, int(ids.max()) if n else -1)
+
+
+def _columns(source: Any) -> tuple[str, ...]:
+    return READ_COLUMNS if source.loss_on != "all" else tuple(c for c in READ_COLUMNS if c != MASK)
+
+
+def _write_at(path: Path, offset: int, array: np.ndarray) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.ascontiguousarray(array).data)  # no copy of the bytes
+
+
+def _ordered_map(fn: Callable, tasks: Iterable, num_workers: int, start_method: str) -> Iterator:
+    """fn(task) for every task, in task order, computed by `num_workers` processes (in this one for 0 or 1).
+    A bounded window of tasks is in flight: results come back in order without queueing every task ahead."""
+    if num_workers <= 1:
+        yield from map(fn, tasks)
+        return
+    with mp.get_context(start_method).Pool(num_workers) as pool:
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(pool.apply_async(fn, (task,)))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def build_rows_domain(
+    name: str, domain: Any, seq_len: int, vocab_size: int, num_workers: int, scratch: Path, start_method: str
+) -> tuple[RowStore, list[np.ndarray], DomainStats]:
+    """Convert every row of the domain's mds sources into scratch files (checked as in `convert_row`); returns
+    the store, the plan (each row's document spans into the store, as packing's plans) and the domain's
+    stats. `check_rows_domain` must have passed."""
+    from tqdm import tqdm
+
+    shards = [(f"domains.{name}.sources[{i}].path", shard, _columns(source)) for i, source in enumerate(domain.sources)
+              for shard in _source_shards(source, f"domains.{name}.sources[{i}].path", seq_len)]
+    first_rows = np.concatenate([[0], np.cumsum([shard.samples for _, shard, _ in shards])]).astype(np.int64)
+    rows = int(first_rows[-1])
+    store = RowStore(scratch / f"{name}.tokens", scratch / f"{name}.mask")
+    for path, size in ((store.tokens_path, rows * seq_len * 4), (store.mask_path, rows * seq_len)):
+        with open(path, "wb") as f:
+            f.truncate(size)  # sparse until written: each shard writes its own rows
+    tasks = (_ShardTask(shard, setting, seq_len, vocab_size, int(first), store.tokens_path, store.mask_path, columns)
+             for (setting, shard, columns), first in zip(shards, first_rows))
+    plan, counts, max_token_id, unmasked = [], Counter(), -1, []
+    with tqdm(total=rows, desc=f"reading {name}", unit="row", disable=None) as progress:
+        for (_, shard, _), first, result in zip(shards, first_rows, _ordered_map(_convert_shard, tasks, num_workers,
+                                                                               start_method)):
+            for row, doc_lengths in enumerate(result.doc_lengths):
+                ends = (first + row) * seq_len + np.cumsum(doc_lengths, dtype=np.int64)
+                plan.append(np.stack([ends - doc_lengths, ends], axis=1))
+            counts.update(result.counts)
+            max_token_id = max(max_token_id, result.max_token_id)
+            if not result.wrote_mask:
+                unmasked.append((int(first), shard.samples))
+            progress.update(shard.samples)
+    store.has_mask = len(unmasked) < len(shards)
+    if store.has_mask:  # the shards without a mask train on every token
+        for first, n in unmasked:
+            _write_at(store.mask_path, first * seq_len, np.ones(n * seq_len, np.uint8))
+    else:
+        store.mask_path.unlink()
+    documents = {"rows": rows, **{key: counts[key] for key in ("read", "kept", "empty_spans", "uncovered_gaps")}}
+    stats = DomainStats(samples=rows, tokens=rows * seq_len, max_token_id=max_token_id, has_loss_mask=store.has_mask,
+                        documents=documents, dropped_tokens={"uncovered": counts["uncovered"]})
+    log.info("domain %s: %s", name, stats)
+    return store, plan, stats
