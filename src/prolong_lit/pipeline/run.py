@@ -105,7 +105,7 @@ def run_pipeline(config: PipelineConfig) -> list[PhaseResult]:
         fit_config = fit_configs[i]
         finished = finished_before[i]
         if finished is not None:
-            if finished.config_digest != config_digest(parse_phase(config, i)):
+            if finished.config_digest != _digest_or_none(config, i):
                 log.warning("phase %s finished earlier with a different config; keeping it (delete %s to rerun it)",
                             phase.name, directory)
             log.info("phase %s: finished earlier, skipped", phase.name)
@@ -162,6 +162,14 @@ def parse_phase(config: PipelineConfig, index: int) -> str:
 
 def config_digest(fit_config: str) -> str:
     return hashlib.sha256(fit_config.encode()).hexdigest()[:16]
+
+
+def _digest_or_none(config: PipelineConfig, index: int) -> str | None:
+    """The digest of a finished phase's config today; None when it no longer parses (it is skipped anyway)."""
+    try:
+        return config_digest(parse_phase(config, index))
+    except ValueError:
+        return None
 
 
 def check_inputs(config: PipelineConfig, index: int) -> None:
