@@ -149,3 +149,50 @@ def test_uncovered_tokens_become_masked_documents_of_their_own():
 def test_bad_rows_are_refused_naming_where(sample, error):
     with pytest.raises(ValueError, match=f"^f.mds sample 3: {error}"):
         convert_row(sample, SEQ_LEN, VOCAB, "f.mds sample 3")
+
+
+def test_litdata_chunks_round_trip_through_streaming_dataset(tmp_path):
+    """Chunks written by litdata_chunks decode as litdata's own writer's (same config, same items)."""
+    from litdata import StreamingDataset
+    from litdata.streaming.writer import BinaryWriter
+
+    from prolong_lit.data.litdata_chunks import chunk_name, litdata_config, write_chunk, write_index
+
+    rng = np.random.default_rng(0)
+    items = [{"input_ids": rng.integers(0, 1000, 16).astype(np.int32),
+              "doc_lengths": np.array([5, 11][: 1 + i % 2], np.int32) if i % 2 else np.array([16], np.int32),
+              "loss_mask": rng.integers(0, 2, 16).astype(np.uint8)} for i in range(7)]
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    chunks = []
+    for k, group in enumerate([items[:3], items[3:4], items[4:]]):
+        size, digest = write_chunk(ours / chunk_name(k), [tuple(item.values()) for item in group])
+        assert size == (ours / chunk_name(k)).stat().st_size
+        chunks.append((chunk_name(k), size, len(group), digest))
+    write_index(ours, chunks, litdata_config("1kb", items[0]))
+    theirs = tmp_path / "theirs"
+    writer = BinaryWriter(str(theirs), chunk_bytes="1kb")
+    for i, item in enumerate(items):
+        writer[i] = item
+    writer.done()
+    writer.merge()
+    assert json.loads((ours / "index.json").read_text())["config"] == json.loads(
+        (theirs / "index.json").read_text())["config"]
+    for directory in (ours, theirs):
+        dataset = StreamingDataset(input_dir=str(directory))
+        assert len(dataset) == len(items)
+        for i, item in enumerate(items):
+            got = dataset[i]
+            assert list(got) == list(item)
+            for key in item:
+                assert got[key].dtype == item[key].dtype and np.array_equal(got[key], item[key]), (i, key)
+
+
+def test_shard_chunk_rows_split_each_shard_evenly_by_chunk_bytes():
+    from prolong_lit.data.rows import shard_chunk_rows
+
+    assert shard_chunk_rows(250, 262_160, 64_000_000) == [125, 125]  # 244 rows fit: two chunks
+    assert shard_chunk_rows(244, 262_160, 64_000_000) == [244]
+    assert shard_chunk_rows(7, 100, 250) == [2, 2, 2, 1]
+    assert shard_chunk_rows(3, 10_000, 1) == [1, 1, 1]
+    assert shard_chunk_rows(0, 100, 1000) == []

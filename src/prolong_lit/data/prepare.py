@@ -150,7 +150,10 @@ def prepare(config: PrepareConfig, overwrite: bool = False) -> Manifest:
         out.mkdir()
         (out / INCOMPLETE_MARKER).touch()
         for name, domain in built.items():
-            write_domain(domain.store, domain.plan, config.seq_len, out / name, config.chunk_bytes)
+            if isinstance(domain.store, RowStore):  # mode rows: written already, in the scratch folder
+                domain.store.directory.rename(out / name)
+            else:
+                write_domain(domain.store, domain.plan, config.seq_len, out / name, config.chunk_bytes)
         manifest = Manifest(
             tokenizer=config.tokenizer,
             vocab_size=len(tokenizer),
@@ -302,7 +305,7 @@ def _build_domain(name: str, config: PrepareConfig, tokenizer, eos_id: int | Non
 
     domain = config.domains[name]
     if domain.mode == ROWS_MODE:
-        args = (config.seq_len, len(tokenizer), config.num_workers, scratch, START_METHOD)
+        args = (config.seq_len, len(tokenizer), config.num_workers, scratch, START_METHOD, config.chunk_bytes)
         return _Built(*build_rows_domain(name, domain, *args))
     min_length, max_length = length_limits(domain, config.seq_len)
     store = TokenStore(scratch, name)

@@ -20,15 +20,18 @@ index's shard order. A row's columns become the sample's fields (format.py):
 
 Any bad row stops `prepare` with an error naming the source setting, the shard file and the sample index,
 before the output directory is touched: `prepare` validates every index and shard header first
-(`check_rows_domain`), then converts every row into scratch files (`build_rows_domain`), and only then writes.
-Shards are converted by `num_workers` processes, each writing its rows at their precomputed place in the scratch
-token file, so the output is the same bytes whatever the number of workers; a process holds one shard at a time.
+(`check_rows_domain`), then converts every row straight into litdata chunk files in the scratch folder beside the
+output (`build_rows_domain`, litdata_chunks.py), and only then moves that directory into the output. Shards are
+converted by `num_workers` processes, each writing its shard's chunks (`shard_chunk_rows`: a shard's rows split
+evenly by chunk_bytes, never across shards) at their precomputed names, so the output is the same bytes whatever
+the number of workers; a process holds one shard at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import shutil
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from prolong_lit.data.format import DomainStats
+from prolong_lit.data.format import DOC_LENGTHS, LOSS_MASK, DomainStats
 from prolong_lit.data.mds import SCALARS, Shard, check_columns, check_shard, iter_samples, read_index
 from prolong_lit.data.sources import LOSS_ON
 
@@ -51,12 +54,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RowStore:
-    """A domain's converted rows in scratch files, laid out as packing.TokenStore's (the fields write_domain
-    reads): int32 tokens, row after row, and a uint8 loss mask beside them when `has_mask`."""
+    """A domain converted by `build_rows_domain`: a complete litdata directory in the scratch folder, moved into
+    the output as it is."""
 
-    tokens_path: Path
-    mask_path: Path
-    has_mask: bool = False
+    directory: Path
 
 
 def check_rows_domain(setting: str, domain: Any, seq_len: int) -> None:
@@ -184,23 +185,35 @@ class _ShardTask:
     setting: str
     seq_len: int
     vocab_size: int
-    first_row: int  # the shard's first row in the domain: its place in the scratch files
-    tokens_path: Path
-    mask_path: Path
     columns: tuple[str, ...]  # READ_COLUMNS, less the mask when the source says loss_on: all
+    first_chunk: int  # the number of the shard's first chunk in the domain
+    chunk_rows: list[int]  # rows of each of the shard's chunks, in order
+    has_mask: bool  # whether the samples carry a loss_mask (the domain's, decided before the shard is read)
+    out: Path  # the domain's chunk directory
 
 
 @dataclass
 class _ShardResult:
-    doc_lengths: list[np.ndarray]  # per row
-    wrote_mask: bool
+    chunks: list[tuple[str, int, int, bytes]]  # (file name, bytes, rows, sha256) of each chunk written
+    needs_mask: bool  # a row had a mask or an uncovered gap
     counts: Counter
     max_token_id: int
 
 
+def shard_chunk_rows(rows: int, row_bytes: int, chunk_bytes: int) -> list[int]:
+    """How a shard's `rows` rows are split into chunks: never across shards, in ceil(rows / per_chunk) chunks
+    as even as possible (the first ones one row longer), per_chunk = max(1, chunk_bytes // row_bytes). A
+    function of the shard's row count alone: the same chunks whatever the number of workers."""
+    per_chunk = max(1, chunk_bytes // max(1, row_bytes))
+    n = -(-rows // per_chunk)
+    return [rows // n + (k < rows % n) for k in range(n)] if rows else []
+
+
 def _convert_shard(task: _ShardTask) -> _ShardResult:
-    """Convert and check every row of one shard; write its tokens (and mask, if it has one) into the scratch
-    files at its rows' place."""
+    """Convert and check every row of one shard, then write its chunks (unless a row needs a loss mask that the
+    domain was not planned with: build_rows_domain then converts every shard again, with one)."""
+    from prolong_lit.data.litdata_chunks import chunk_name, write_chunk
+
     n, seq_len = task.shard.samples, task.seq_len
     ids = np.empty((n, seq_len), np.int32)
     mask = None
@@ -213,20 +226,23 @@ def _convert_shard(task: _ShardTask) -> _ShardResult:
             mask[k] = row_mask
         lengths.append(doc_lengths)
         counts.update(row_counts)
-    _write_at(task.tokens_path, task.first_row * seq_len * ids.itemsize, ids)
-    if mask is not None:
-        _write_at(task.mask_path, task.first_row * seq_len, mask)
-    return _ShardResult(lengths, mask is not None, counts, int(ids.max()) if n else -1)
+    chunks = []
+    if mask is None or task.has_mask:
+        if task.has_mask and mask is None:
+            mask = np.broadcast_to(np.ones(seq_len, np.uint8), (n, seq_len))  # every row's is one array of ones
+        first = 0
+        for j, rows in enumerate(task.chunk_rows):
+            span = range(first, first + rows)
+            items = [(ids[r], lengths[r], mask[r]) if task.has_mask else (ids[r], lengths[r]) for r in span]
+            name = chunk_name(task.first_chunk + j)
+            size, digest = write_chunk(task.out / name, items)
+            chunks.append((name, size, rows, digest))
+            first += rows
+    return _ShardResult(chunks, mask is not None, counts, int(ids.max()) if n else -1)
 
 
 def _columns(source: Any) -> tuple[str, ...]:
     return READ_COLUMNS if source.loss_on != "all" else tuple(c for c in READ_COLUMNS if c != MASK)
-
-
-def _write_at(path: Path, offset: int, array: np.ndarray) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(np.ascontiguousarray(array).data)  # no copy of the bytes
 
 
 def _ordered_map(fn: Callable, tasks: Iterable, num_workers: int, start_method: str) -> Iterator:
@@ -246,43 +262,50 @@ def _ordered_map(fn: Callable, tasks: Iterable, num_workers: int, start_method: 
 
 
 def build_rows_domain(
-    name: str, domain: Any, seq_len: int, vocab_size: int, num_workers: int, scratch: Path, start_method: str
+    name: str, domain: Any, seq_len: int, vocab_size: int, num_workers: int, scratch: Path, start_method: str,
+    chunk_bytes: str = "64MB",
 ) -> tuple[RowStore, list[np.ndarray], DomainStats]:
-    """Convert every row of the domain's mds sources into scratch files (checked as in `convert_row`); returns
-    the store, the plan (each row's document spans into the store, as packing's plans) and the domain's
-    stats. `check_rows_domain` must have passed."""
+    """Convert every row of the domain's mds sources (checked as in `convert_row`) into litdata chunk files of
+    a complete litdata directory under `scratch` (litdata_chunks.py: each shard's chunks written by the process
+    that read it, index.json last); returns the store (that directory), an empty plan (each row is a sample)
+    and the domain's stats. `check_rows_domain` must have passed."""
     from tqdm import tqdm
+
+    from prolong_lit.data.litdata_chunks import chunk_bytes_int, litdata_config, write_index
 
     shards = [(f"domains.{name}.sources[{i}].path", shard, _columns(source)) for i, source in enumerate(domain.sources)
               for shard in _source_shards(source, f"domains.{name}.sources[{i}].path", seq_len)]
-    first_rows = np.concatenate([[0], np.cumsum([shard.samples for _, shard, _ in shards])]).astype(np.int64)
-    rows = int(first_rows[-1])
-    store = RowStore(scratch / f"{name}.tokens", scratch / f"{name}.mask")
-    for path, size in ((store.tokens_path, rows * seq_len * 4), (store.mask_path, rows * seq_len)):
-        with open(path, "wb") as f:
-            f.truncate(size)  # sparse until written: each shard writes its own rows
-    tasks = (_ShardTask(shard, setting, seq_len, vocab_size, int(first), store.tokens_path, store.mask_path, columns)
-             for (setting, shard, columns), first in zip(shards, first_rows))
-    plan, counts, max_token_id, unmasked = [], Counter(), -1, []
-    with tqdm(total=rows, desc=f"reading {name}", unit="row", disable=None) as progress:
-        for (_, shard, _), first, result in zip(shards, first_rows, _ordered_map(_convert_shard, tasks, num_workers,
-                                                                               start_method)):
-            for row, doc_lengths in enumerate(result.doc_lengths):
-                ends = (first + row) * seq_len + np.cumsum(doc_lengths, dtype=np.int64)
-                plan.append(np.stack([ends - doc_lengths, ends], axis=1))
-            counts.update(result.counts)
-            max_token_id = max(max_token_id, result.max_token_id)
-            if not result.wrote_mask:
-                unmasked.append((int(first), shard.samples))
-            progress.update(shard.samples)
-    store.has_mask = len(unmasked) < len(shards)
-    if store.has_mask:  # the shards without a mask train on every token
-        for first, n in unmasked:
-            _write_at(store.mask_path, first * seq_len, np.ones(n * seq_len, np.uint8))
-    else:
-        store.mask_path.unlink()
+    rows = sum(shard.samples for _, shard, _ in shards)
+    # The loss mask is planned from the columns read; a row with an uncovered gap in a domain planned without
+    # one makes the whole domain convert again, with one (its chunks are then rewritten, same names).
+    has_mask = any(MASK in columns and MASK in shard.column_names for _, shard, columns in shards)
+    row_bytes = 4 * 3 + seq_len * 4 + 4 + (seq_len if has_mask else 0)  # sizes, ids, one document, mask
+    plan = [shard_chunk_rows(shard.samples, row_bytes, chunk_bytes_int(chunk_bytes)) for _, shard, _ in shards]
+    first_chunks = np.concatenate([[0], np.cumsum([len(chunk_rows) for chunk_rows in plan])]).astype(int)
+    out = scratch / name
+    for _attempt in range(2):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        tasks = (_ShardTask(shard, setting, seq_len, vocab_size, columns, int(first), chunk_rows, has_mask, out)
+                 for (setting, shard, columns), first, chunk_rows in zip(shards, first_chunks, plan))
+        chunks, counts, max_token_id, needs_mask = [], Counter(), -1, False
+        with tqdm(total=rows, desc=f"converting {name}", unit="row", disable=None) as progress:
+            for (_, shard, _), result in zip(shards, _ordered_map(_convert_shard, tasks, num_workers, start_method)):
+                chunks += result.chunks
+                counts.update(result.counts)
+                max_token_id = max(max_token_id, result.max_token_id)
+                needs_mask |= result.needs_mask
+                progress.update(shard.samples)
+        if has_mask or not needs_mask:
+            break
+        log.info("domain %s: a row has uncovered tokens; converting again with a loss mask", name)
+        has_mask = True
+    sample = {INPUT_IDS: np.zeros(1, np.int32), DOC_LENGTHS: np.zeros(1, np.int32)}  # the samples' layout
+    if has_mask:
+        sample[LOSS_MASK] = np.zeros(1, np.uint8)
+    write_index(out, chunks, litdata_config(chunk_bytes, sample))
     documents = {"rows": rows, **{key: counts[key] for key in ("read", "kept", "empty_spans", "uncovered_gaps")}}
-    stats = DomainStats(samples=rows, tokens=rows * seq_len, max_token_id=max_token_id, has_loss_mask=store.has_mask,
+    stats = DomainStats(samples=rows, tokens=rows * seq_len, max_token_id=max_token_id, has_loss_mask=has_mask,
                         documents=documents, dropped_tokens={"uncovered": counts["uncovered"]})
     log.info("domain %s: %s", name, stats)
-    return store, plan, stats
+    return RowStore(out), [], stats

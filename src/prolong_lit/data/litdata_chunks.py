@@ -1,0 +1,106 @@
+"""litdata chunk files and index.json written directly (no litdata writer), for samples that are dicts of 1-D
+numpy arrays (mode rows: input_ids int32, doc_lengths int32, loss_mask uint8).
+
+The bytes are those litdata 0.2.76's BinaryWriter writes for such samples (its PyTreeLoader, each leaf with its
+`no_header_numpy:<dtype index>` serializer, no compression, no encryption), so litdata's StreamingDataset decodes
+them into the same dicts:
+
+- a chunk file: uint32 `n` (items), uint32 `offsets[n + 1]` (each item's start in the file, offsets[0] being the
+  header's size, offsets[n] the file's size), then the items back to back;
+- an item: uint32 byte size of each leaf, then each leaf's raw C-order bytes;
+- index.json: {"chunks": [{chunk_bytes, chunk_size, dim: null, filename}, ...], "config": {...}, "updated_at"},
+  keys sorted, the config as `litdata_config` gives it.
+
+Chunks are written by whoever calls `write_chunk` (any process, in any order): their contents and names are given
+by the caller. `write_chunk` returns each chunk's sha256 and `write_index` pins `updated_at` to a digest of those
+(the sha256 of the chunk digests in order), so the index, too, is a function of the contents alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def chunk_name(k: int) -> str:
+    """The file name litdata gives chunk k of its only writer (rank 0)."""
+    return f"chunk-0-{k}.bin"
+
+
+def chunk_bytes_int(chunk_bytes: str | int) -> int:
+    from litdata.utilities.format import _convert_bytes_to_int
+
+    return chunk_bytes if isinstance(chunk_bytes, int) else _convert_bytes_to_int(chunk_bytes)
+
+
+def litdata_config(chunk_bytes: str | int, sample: dict[str, np.ndarray]) -> dict[str, Any]:
+    """index.json's config for samples shaped as `sample` (its keys in order, 1-D arrays), as litdata's
+    BinaryWriter.get_config writes it for an uncompressed, unencrypted PyTreeLoader dataset."""
+    from litdata.constants import _NUMPY_DTYPES_MAPPING
+    from litdata.utilities._pytree import tree_flatten, treespec_dumps
+
+    dtype_index = {dtype: i for i, dtype in _NUMPY_DTYPES_MAPPING.items()}
+    for key, leaf in sample.items():
+        if not isinstance(leaf, np.ndarray) or leaf.ndim != 1:
+            raise TypeError(f"{key}: a leaf must be a 1-D numpy array (got {type(leaf).__name__})")
+    return {
+        "chunk_bytes": chunk_bytes_int(chunk_bytes),
+        "chunk_size": None,
+        "compression": None,
+        "compression_batch_size": None,
+        "compression_level": None,
+        "data_format": [f"no_header_numpy:{dtype_index[leaf.dtype]}" for leaf in sample.values()],
+        "data_spec": treespec_dumps(tree_flatten(sample)[1]),
+        "encryption": None,
+        "ipc_compression": None,
+        "item_loader": "PyTreeLoader",
+        "types": {key: "json" for key in sample},
+    }
+
+
+def write_chunk(path: Path, items: Sequence[Sequence[np.ndarray]]) -> tuple[int, bytes]:
+    """Write one chunk file of `items` (each its leaves in the config's order, 1-D C-contiguous arrays of the
+    config's dtypes) without copying the leaves; returns (file size, sha256 digest of the file)."""
+    if not items:
+        raise ValueError(f"{path}: a chunk holds at least one item")
+    sizes = np.array([[leaf.nbytes for leaf in item] for item in items], np.uint32)
+    item_bytes = 4 * sizes.shape[1] + sizes.sum(axis=1, dtype=np.int64)
+    header_bytes = 4 * (len(items) + 2)
+    ends = header_bytes + np.cumsum(item_bytes)
+    if ends[-1] >= 1 << 32:
+        raise ValueError(f"{path}: a chunk of {int(ends[-1])} bytes does not fit litdata's uint32 offsets")
+    header = np.concatenate([[len(items), header_bytes], ends]).astype(np.uint32)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for buffer in _buffers(header, sizes, items):
+            f.write(buffer)
+            digest.update(buffer)
+    return int(ends[-1]), digest.digest()
+
+
+def _buffers(header: np.ndarray, sizes: np.ndarray, items: Sequence[Sequence[np.ndarray]]):
+    yield header.data
+    for item_sizes, item in zip(sizes, items):
+        yield item_sizes.data
+        for leaf in item:
+            if not leaf.flags.c_contiguous:
+                raise ValueError("a leaf must be C-contiguous")
+            yield leaf.data.cast("B")
+
+
+def write_index(out: Path, chunks: Sequence[tuple[str, int, int, bytes]], config: dict[str, Any]) -> None:
+    """index.json of the chunk files (filename, bytes, items, sha256 digest), in order; `updated_at` is the
+    sha256 of the chunk digests concatenated in order (its first 32 hex digits)."""
+    digest = hashlib.sha256(b"".join(chunk[3] for chunk in chunks))
+    index = {
+        "chunks": [{"chunk_bytes": size, "chunk_size": rows, "dim": None, "filename": name}
+                   for name, size, rows, _ in chunks],
+        "config": config,
+        "updated_at": digest.hexdigest()[:32],
+    }
+    (out / "index.json").write_text(json.dumps(index, sort_keys=True))
