@@ -239,7 +239,7 @@ def test_max_token_id_counts_only_written_tokens(tmp_path):
 def test_written_samples_read_back_with_litdata(tmp_path):
     from litdata import StreamingDataset
 
-    from prolong_lit.data.prepare import write_domain
+    from prolong_lit.data.write import write_domain
 
     seq_len = 16
     docs = random_docs([10, 30, 7, 21], seed=4)
