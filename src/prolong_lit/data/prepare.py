@@ -14,11 +14,9 @@ chat template and carry a loss mask on the assistant tokens (see `chat.py`; none
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import re
 import shutil
 import tempfile
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,9 +34,10 @@ from prolong_lit.data.packing import (
     max_token_id,
     plan_samples,
 )
+from prolong_lit.data.pool import ordered_map
 from prolong_lit.data.rows import MDS_SOURCE, ROWS_MODE, RowStore, build_rows_domain, check_rows_domain
 from prolong_lit.data.sources import CHAT_SOURCE_TYPES, Conversation, SourceConfig, iter_documents, validate_source
-from prolong_lit.data.write import START_METHOD, write_domain
+from prolong_lit.data.write import write_domain
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -277,22 +276,9 @@ def tokenize_documents(
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(token ids, loss mask or None) of each document, in input order, tokenized by `num_workers` processes.
     Conversations get their chat-template rendering and assistant-token mask (see `chat.py`)."""
-    if num_workers <= 1:
-        _init_worker(tokenizer, eos_id)
-        for batch in _batches(documents):
-            yield from _encode(batch)
-        return
-    context = mp.get_context(START_METHOD)
-    with context.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer, eos_id)) as pool:
-        # A bounded window of batches in flight, collected in submission order: Pool.imap would read the
-        # whole corpus into its task queue ahead of the workers.
-        pending: deque = deque()
-        for batch in _batches(documents):
-            pending.append(pool.apply_async(_encode, (batch,)))
-            if len(pending) >= 4 * num_workers:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+    for encoded in ordered_map(_encode, _batches(documents), num_workers, window=4, initializer=_init_worker,
+                               initargs=(tokenizer, eos_id)):
+        yield from encoded
 
 
 def _build_domain(name: str, config: PrepareConfig, tokenizer, eos_id: int | None, scratch: Path) -> _Built:
@@ -300,7 +286,7 @@ def _build_domain(name: str, config: PrepareConfig, tokenizer, eos_id: int | Non
 
     domain = config.domains[name]
     if domain.mode == ROWS_MODE:
-        args = (config.seq_len, len(tokenizer), config.num_workers, scratch, START_METHOD, config.chunk_bytes)
+        args = (config.seq_len, len(tokenizer), config.num_workers, scratch, config.chunk_bytes)
         return _Built(*build_rows_domain(name, domain, *args))
     min_length, max_length = length_limits(domain, config.seq_len)
     store = TokenStore(scratch, name)

@@ -30,10 +30,8 @@ the number of workers; a process holds one shard at a time.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import shutil
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ import numpy as np
 
 from prolong_lit.data.format import DOC_LENGTHS, LOSS_MASK, DomainStats
 from prolong_lit.data.mds import SCALARS, Shard, check_columns, check_shard, iter_samples, read_index
+from prolong_lit.data.pool import ordered_map
 from prolong_lit.data.sources import LOSS_ON
 
 ROWS_MODE = "rows"
@@ -245,24 +244,8 @@ def _columns(source: Any) -> tuple[str, ...]:
     return READ_COLUMNS if source.loss_on != "all" else tuple(c for c in READ_COLUMNS if c != MASK)
 
 
-def _ordered_map(fn: Callable, tasks: Iterable, num_workers: int, start_method: str) -> Iterator:
-    """fn(task) for every task, in task order, computed by `num_workers` processes (in this one for 0 or 1).
-    A bounded window of tasks is in flight: results come back in order without queueing every task ahead."""
-    if num_workers <= 1:
-        yield from map(fn, tasks)
-        return
-    with mp.get_context(start_method).Pool(num_workers) as pool:
-        pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(fn, (task,)))
-            if len(pending) >= 2 * num_workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
 def build_rows_domain(
-    name: str, domain: Any, seq_len: int, vocab_size: int, num_workers: int, scratch: Path, start_method: str,
+    name: str, domain: Any, seq_len: int, vocab_size: int, num_workers: int, scratch: Path,
     chunk_bytes: str = "64MB",
 ) -> tuple[RowStore, list[np.ndarray], DomainStats]:
     """Convert every row of the domain's mds sources (checked as in `convert_row`) into litdata chunk files of
@@ -290,7 +273,7 @@ def build_rows_domain(
                  for (setting, shard, columns), first, chunk_rows in zip(shards, first_chunks, plan))
         chunks, counts, max_token_id, needs_mask = [], Counter(), -1, False
         with tqdm(total=rows, desc=f"converting {name}", unit="row", disable=None) as progress:
-            for (_, shard, _), result in zip(shards, _ordered_map(_convert_shard, tasks, num_workers, start_method)):
+            for (_, shard, _), result in zip(shards, ordered_map(_convert_shard, tasks, num_workers)):
                 chunks += result.chunks
                 counts.update(result.counts)
                 max_token_id = max(max_token_id, result.max_token_id)

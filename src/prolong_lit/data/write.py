@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from prolong_lit.data.packing import SampleBuilder, TokenStore
-
-# fork starts litdata's writer in ~0.5 s instead of ~5 s (spawn re-imports torch); spawn where fork is missing.
-START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+from prolong_lit.data.pool import START_METHOD
 
 
 def write_domain(store: TokenStore, plan: list[np.ndarray], seq_len: int, out: Path, chunk_bytes: str = "64MB") -> None:
