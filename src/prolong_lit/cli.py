@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from prolong_lit.callbacks.slurm_requeue import SlurmRequeue  # noqa: E402
+from prolong_lit.errors import USER_ERROR_EXIT_STATUS, show_tracebacks, user_error_of  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,20 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a subcommand. A user's mistake (prolong_lit.errors.UserError, also when Lightning or a DataLoader
+    worker re-raised it wrapped) ends as one line on stderr and exit status 2; `PROLONG_LIT_DEBUG=1` keeps the
+    traceback. Any other exception is a bug and propagates with its traceback."""
+    try:
+        _dispatch(argv)
+    except Exception as error:  # noqa: BLE001 - re-raised below unless it is the user's mistake
+        user_error = user_error_of(error)
+        if user_error is None or show_tracebacks():
+            raise
+        print(f"error: {user_error}", file=sys.stderr)  # noqa: T201 - the command's one-line refusal
+        sys.exit(USER_ERROR_EXIT_STATUS)
+
+
+def _dispatch(argv: list[str] | None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -129,4 +144,5 @@ def main(argv: list[str] | None = None) -> None:
         # LightningCLI reads sys.argv itself when run from the command line (and warns if given both).
         ProLongCLI(args=None if from_command_line else argv)
     else:
-        sys.exit(f"unknown subcommand {name!r}\n\n{_usage()}")
+        print(f"error: unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)  # noqa: T201
+        sys.exit(USER_ERROR_EXIT_STATUS)
