@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from prolong_lit.callbacks.slurm_requeue import SlurmRequeue  # noqa: E402
 from prolong_lit.errors import USER_ERROR_EXIT_STATUS, show_tracebacks, user_error_of  # noqa: E402
+from prolong_lit.resume_settings import RESUME_SETTINGS, check_resume, recorded_model_settings  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer` in `LightningModule`")
 
+# `--ckpt_path` values Lightning resolves itself to a file in the run's checkpoint folder
+LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 TRAINER_SUBCOMMANDS = {
     "fit": "train a model (LightningCLI: --config <yaml>, --ckpt_path <ckpt> to resume)",
     "validate": "run the validation loop once (LightningCLI)",
@@ -75,6 +78,31 @@ class ProLongCLI(LightningCLI):
             args=args,
             run=run and not parse_only,
         )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--resume_settings", choices=list(RESUME_SETTINGS), default="config",
+            help="with --ckpt_path: 'config' applies the config's model settings (the optimizer's and the "
+            "schedule's may change, the model's must equal the checkpoint's) and 'checkpoint' keeps the "
+            "checkpoint's recorded ones; every differing setting is logged",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Instead of Lightning's silent replacement of `model.*` by the checkpoint's hyper-parameters: compare
+        them with the config, then refuse, apply or keep them as `--resume_settings` says (prolong_lit.resume_settings).
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS:
+            return
+        recorded = recorded_model_settings(ckpt_path)
+        policy = config.get("resume_settings", "config")
+        check_resume(recorded, config["model"].as_dict(), policy, ckpt_path)
+        if policy == "checkpoint" and recorded is not None:
+            self.config = self.parser.parse_object({subcommand: {"model": recorded}}, self.config)
 
     def instantiate_classes(self) -> None:
         if not self.parse_only:

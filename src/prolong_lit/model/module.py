@@ -31,6 +31,7 @@ from prolong_lit.model.optim import (
     OptimizerFactory,
     SchedulerFactory,
     WarmupCosine,
+    apply_configured_hyperparameters,
     class_path_of,
     factory_from,
     param_groups,
@@ -41,10 +42,15 @@ from prolong_lit.model.settings import KernelSettings, LlamaSettings, settings_f
 from prolong_lit.parallel.plan import ParallelPlan, plan_of
 from prolong_lit.parallel.sequence import check_sequence_parallel_shape
 from prolong_lit.parallel.ulysses import SP_KWARG
+from prolong_lit.resume_settings import differences
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LLAMA, DEFAULT_KERNELS = LlamaSettings(), KernelSettings()  # shared defaults: never mutated
+
+
+# the recorded settings a resume may change (prolong_lit.resume_settings): applied in on_train_start
+TRAINING_SETTINGS = ("optimizer", "scheduler")
 
 
 class LongContextLM(pl.LightningModule):
@@ -267,11 +273,25 @@ class LongContextLM(pl.LightningModule):
             check_manifest(manifest, self.seq_len, self.hf_config.vocab_size, self.llama_settings.name_or_path)
             self.tokenizer_name = manifest.tokenizer
 
+    def on_train_start(self) -> None:
+        """On a resume whose config changed the optimizer's or the schedule's settings (a new learning rate, say),
+        those apply from the resumed step on instead of the restored ones (the moments are kept)."""
+        recorded = getattr(self, "_resumed_training_settings", None)
+        if recorded and any(differences({key: recorded[key]}, {key: self.hparams.get(key)})
+                            for key in TRAINING_SETTINGS if recorded[key] is not None):
+            configured = self.optimizer_factory(param_groups(self.model.named_parameters()))
+            self.scheduler_factory(configured, self.trainer.max_steps)  # sets the groups' initial_lr, as configured
+            scheduler = self.lr_schedulers()
+            apply_configured_hyperparameters(self.trainer.optimizers[0], scheduler, configured)
+        self._resumed_training_settings = None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the Hugging Face config (export rebuilds the model from it) and the data's tokenizer (saved beside it)
         checkpoint.update(run_metadata(self.hf_config, self.tokenizer_name))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = checkpoint.get("hyper_parameters") or {}
+        self._resumed_training_settings = {key: recorded.get(key) for key in TRAINING_SETTINGS}
         saved = checkpoint.get(HF_CONFIG_KEY)
         if saved is None:
             return

@@ -136,3 +136,38 @@ def factory_from(value: Callable | dict[str, Any]) -> Callable:
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"model: cannot import the component {value.get('class_path')!r}: {err}") from err
     return functools.partial(target, **(value.get("init_args") or {}))
+
+
+def apply_configured_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any,
+                                     configured: torch.optim.Optimizer) -> None:
+    """After a resume restored `optimizer` and `scheduler` from a checkpoint, make the configured optimizer's
+    hyper-parameters (those of `configured`, a fresh optimizer built from the config over the same parameter
+    groups) apply from the resumed step on: every group setting but the parameters is taken from `configured`;
+    the peak learning rate becomes the configured one and the current one is the configured schedule's value at
+    the resumed step (`scheduler.last_epoch`). The moments (the optimizer's state) are kept.
+
+    With nothing changed this recomputes exactly what the checkpoint held (LambdaLR's own `base_lr * factor`)."""
+    if len(configured.param_groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"model.optimizer: the configured optimizer has {len(configured.param_groups)} parameter groups, the "
+            f"resumed one {len(optimizer.param_groups)}"
+        )
+    for group, fresh in zip(optimizer.param_groups, configured.param_groups):
+        for key, value in fresh.items():
+            if key not in ("params", "lr", "initial_lr"):
+                group[key] = value
+        group["initial_lr"] = fresh.get("initial_lr", fresh["lr"])  # the peak (a scheduler sets initial_lr)
+    if scheduler is None:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+        return
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        raise ValueError(
+            f"model.scheduler: {type(scheduler).__name__} is not a LambdaLR; changing the optimizer's settings on "
+            "resume needs a scheduler whose learning rate is base_lr x factor(step)"
+        )
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
