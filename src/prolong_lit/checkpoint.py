@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from prolong_lit.constants import DTYPES
+from prolong_lit.errors import CheckpointError, ConfigError, ExistingPathError, MissingPathError
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,12 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     prolong_lit checkpoint."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--checkpoint: {str(path)!r} does not exist")
+        raise MissingPathError(f"--checkpoint: {str(path)!r} does not exist")
     if path.is_dir():
         if (path / "config.json").is_file():
-            raise ValueError(f"--checkpoint: {str(path)!r} is already a Hugging Face model directory")
+            raise CheckpointError(f"--checkpoint: {str(path)!r} is already a Hugging Face model directory")
         if not (path / DCP_META_FILE).is_file() or not (path / DCP_INDEX_FILE).is_file():
-            raise ValueError(
+            raise CheckpointError(
                 f"--checkpoint: {str(path)!r} is a directory but not a distributed checkpoint (no {DCP_META_FILE} "
                 f"and {DCP_INDEX_FILE}); give a .ckpt file or the directory ModelParallelStrategy saved"
             )
@@ -92,12 +93,12 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     else:
         checkpoint = _load_or_explain(path, path)
     if not isinstance(checkpoint, dict) or HF_CONFIG_KEY not in checkpoint:
-        raise ValueError(
+        raise CheckpointError(
             f"--checkpoint: {str(path)!r} is not a prolong_lit checkpoint (it has no {HF_CONFIG_KEY!r} entry; "
             "export a checkpoint saved by a LongContextLM run)"
         )
     if not path.is_dir() and "state_dict" not in checkpoint:
-        raise ValueError(f"--checkpoint: {str(path)!r} holds no 'state_dict' (a weights-free checkpoint?)")
+        raise CheckpointError(f"--checkpoint: {str(path)!r} holds no 'state_dict' (a weights-free checkpoint?)")
     return checkpoint
 
 
@@ -114,7 +115,7 @@ def _load_or_explain(file: Path, checkpoint: Path) -> Any:
     try:
         return torch_load(file)
     except Exception as err:
-        raise ValueError(f"--checkpoint: {str(checkpoint)!r} is not a readable checkpoint: {err}") from err
+        raise CheckpointError(f"--checkpoint: {str(checkpoint)!r} is not a readable checkpoint: {err}") from err
 
 
 def _read_dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
@@ -132,7 +133,7 @@ def _read_dcp_model_state(path: Path) -> dict[str, torch.Tensor]:
         if len(where) == 2 and where[0] == "state_dict" and isinstance(item, TensorStorageMetadata):
             state[where[1]] = torch.empty(item.size, dtype=item.properties.dtype)  # global shape
     if not state:
-        raise ValueError(f"--checkpoint: the distributed checkpoint {str(path)!r} holds no model 'state_dict'")
+        raise CheckpointError(f"--checkpoint: the distributed checkpoint {str(path)!r} holds no model 'state_dict'")
     loaded = {"state_dict": state}
     with warnings.catch_warnings():  # "no process group: loading in a single process" is exactly the intent
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -156,7 +157,7 @@ def hf_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
             continue
         out[parameter_name(name[len(MODULE_PREFIX):])] = tensor
     if not out:
-        raise ValueError("--checkpoint: its state_dict holds no weight of `model` (the LongContextLM's Llama)")
+        raise CheckpointError("--checkpoint: its state_dict holds no weight of `model` (the LongContextLM's Llama)")
     return out
 
 
@@ -185,7 +186,7 @@ def export_config(hf_config: dict[str, Any], dtype: torch.dtype):
 
     values = {key: value for key, value in hf_config.items() if key not in ATTN_KEYS}
     if values.get("model_type", "llama") != "llama":
-        raise ValueError(f"--checkpoint: its model is a {values['model_type']!r}, only Llama models export")
+        raise CheckpointError(f"--checkpoint: its model is a {values['model_type']!r}, only Llama models export")
     config = LlamaConfig.from_dict(values)
     config.use_cache = True  # training turns it off (packed rows); generation needs it
     config.dtype = dtype
@@ -203,7 +204,7 @@ def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype)
     result = model.load_state_dict(weights, strict=False, assign=True)
     missing = [name for name in result.missing_keys if not (config.tie_word_embeddings and name == "lm_head.weight")]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise CheckpointError(
             "--checkpoint: its weights do not match its hf_config: "
             f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
@@ -228,13 +229,13 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
-        raise FileExistsError(f"--output: {str(output_dir)!r} exists and is not a directory")
+        raise ExistingPathError(f"--output: {str(output_dir)!r} exists and is not a directory")
     if not any(output_dir.iterdir()):
         return
     if not overwrite:
-        raise FileExistsError(f"--output: {str(output_dir)!r} is not empty; pass --overwrite to replace it")
+        raise ExistingPathError(f"--output: {str(output_dir)!r} is not empty; pass --overwrite to replace it")
     if not (output_dir / "config.json").is_file():
-        raise FileExistsError(
+        raise ExistingPathError(
             f"--output: {str(output_dir)!r} is not a Hugging Face model directory (no config.json); refusing to "
             "delete it even with --overwrite; remove it yourself or choose another --output"
         )
@@ -261,18 +262,18 @@ def export_hf(
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     meta = read_checkpoint_meta(checkpoint)
     tokenizer = tokenizer or recorded_tokenizer(meta)
     if tokenizer is None:
-        raise ValueError(
+        raise ConfigError(
             f"--tokenizer: the checkpoint {str(checkpoint)!r} does not record its tokenizer; pass --tokenizer "
             "(a local tokenizer directory, or `llama3`)"
         )
     hf_tokenizer = load_tokenizer(tokenizer, setting="--tokenizer")
     config = export_config(meta[HF_CONFIG_KEY], DTYPES[dtype])
     if len(hf_tokenizer) > config.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"--tokenizer: {tokenizer!r} has {len(hf_tokenizer)} tokens but the model's vocabulary is "
             f"{config.vocab_size}; give the tokenizer the run was trained with"
         )

@@ -124,6 +124,11 @@ class ProLongCLI(LightningCLI):
             trainer.callbacks.append(SlurmRequeue())
         return trainer
 
+    def before_fit(self) -> None:
+        check_training_settings = getattr(self.model, "check_training_settings", None)
+        if callable(check_training_settings):  # a bad optimizer/schedule setting: refused before anything is written
+            check_training_settings(self.trainer.max_steps)
+
     def dump_config(self) -> str:
         """The parsed config as YAML (a file `fit --config` runs as it is)."""
         return self.parser.dump(self.config, skip_none=False)

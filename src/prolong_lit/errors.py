@@ -4,7 +4,9 @@ Raise `ConfigError`, `DataError` or `CheckpointError` (all `UserError`) with a m
 the file to fix. `python -m prolong_lit ...` prints such an error as one line, `error: <message>`, and exits with
 status 2, no traceback (`PROLONG_LIT_DEBUG=1` shows it); any other exception is a bug and keeps its traceback.
 
-Each is also a `ValueError`, so code (and tests) that caught the ValueError these refusals used to be still does.
+Each is also a `ValueError`, so code (and tests) that caught the ValueError these refusals used to be still does;
+`MissingPathError` / `ExistingPathError` (a path a setting names is missing / in the way) are also
+FileNotFoundError / FileExistsError for the same reason.
 """
 
 from __future__ import annotations
@@ -30,6 +32,14 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, truncated, not ours, or incompatible with the config."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A file or directory a setting names does not exist (or is not the kind of path the setting wants)."""
+
+
+class ExistingPathError(UserError, FileExistsError):
+    """An output path a setting names is already there and may not be replaced."""
 
 
 def show_tracebacks() -> bool:

@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from prolong_lit.checkpoint import DCP_META_FILE, PARAM_NAMES_KEY, parameter_name, torch_load
+from prolong_lit.errors import CheckpointError, MissingPathError
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,11 @@ def _shapes(state: dict[str, dict[str, Any]]) -> dict[str, dict[str, tuple[int, 
 def _file_state(path: Path) -> dict[str, dict[str, Any]]:
     """Parameter name -> its saved state (memory-mapped tensors) of a single-file Lightning checkpoint."""
     if not path.is_file():
-        raise FileNotFoundError(f"carry_optimizer: the checkpoint {str(path)!r} does not exist")
+        raise MissingPathError(f"carry_optimizer: the checkpoint {str(path)!r} does not exist")
     checkpoint = torch_load(path)  # memory-mapped: only the optimizer state is read, as it is used
     states = checkpoint.get("optimizer_states") or []
     if len(states) != 1:
-        raise ValueError(
+        raise CheckpointError(
             f"carry_optimizer: {str(path)!r} holds {len(states)} optimizer states; carrying needs exactly one "
             "(a checkpoint saved during training, not a weights-only one)"
         )
@@ -78,12 +79,12 @@ def _file_state(path: Path) -> dict[str, dict[str, Any]]:
     if names is None:
         if state and all(isinstance(key, str) for key in state):  # already keyed by parameter name
             return {parameter_name(key): value for key, value in state.items()}
-        raise ValueError(
+        raise CheckpointError(
             f"carry_optimizer: {str(path)!r} does not record its optimizer's parameter names ({PARAM_NAMES_KEY!r}); "
             "it was saved without the CarryOptimizerState callback (the pipeline adds it to every phase)"
         )
     if [len(group["params"]) for group in groups] != [len(group) for group in names]:
-        raise ValueError(f"carry_optimizer: {str(path)!r}: its {PARAM_NAMES_KEY!r} do not fit its param groups")
+        raise CheckpointError(f"carry_optimizer: {str(path)!r}: its {PARAM_NAMES_KEY!r} do not fit its param groups")
     return {name: state.get(key, {}) for group, group_names in zip(groups, names)
             for key, name in zip(group["params"], group_names)}
 
@@ -94,7 +95,9 @@ def _dcp_layout(path: Path) -> dict[str, tuple[str, dict[str, tuple[tuple[int, .
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not (path / DCP_META_FILE).is_file():
-        raise ValueError(f"carry_optimizer: {str(path)!r} is a directory but not a Lightning distributed checkpoint")
+        raise CheckpointError(
+            f"carry_optimizer: {str(path)!r} is a directory but not a Lightning distributed checkpoint"
+        )
     metadata = FileSystemReader(str(path)).read_metadata()
     layout: dict[str, tuple[str, dict]] = {}
     for key, item in metadata.state_dict_metadata.items():
@@ -104,7 +107,7 @@ def _dcp_layout(path: Path) -> dict[str, tuple[str, dict[str, tuple[tuple[int, .
             entry = layout.setdefault(parameter_name(where[2]), (where[2], {}))
             entry[1][where[3]] = (tuple(item.size), item.properties.dtype)
     if not layout:
-        raise ValueError(f"carry_optimizer: the distributed checkpoint {str(path)!r} holds no optimizer state")
+        raise CheckpointError(f"carry_optimizer: the distributed checkpoint {str(path)!r} holds no optimizer state")
     return layout
 
 
@@ -132,7 +135,7 @@ def check_state_matches(
             parts.append(f"{len(extra)} saved parameters are not in this phase's optimizer (e.g. {extra[:3]})")
         if wrong:
             parts.append(f"{len(wrong)} shapes differ (e.g. {wrong[:3]})")
-        raise ValueError(
+        raise CheckpointError(
             f"carry_optimizer: the optimizer state of {str(checkpoint)!r} does not match this phase's parameters: "
             + "; ".join(parts) + ". Carry moments only between phases of the same model (same model_overrides)."
         )
@@ -210,7 +213,7 @@ class CarryOptimizerState(Callback):
             log.info("resuming from %s: its own optimizer state is restored, nothing carried", trainer.ckpt_path)
             return
         if len(trainer.optimizers) != 1:
-            raise ValueError(f"carry_optimizer: the run has {len(trainer.optimizers)} optimizers; it needs one")
+            raise CheckpointError(f"carry_optimizer: the run has {len(trainer.optimizers)} optimizers; it needs one")
         optimizer = trainer.optimizers[0]
         names = optimizer_param_names(optimizer, pl_module)
         params = {name: p for group, group_names in zip(optimizer.param_groups, names)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from prolong_lit.errors import ConfigError
 from prolong_lit.model.sizes import size_config_kwargs
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def build_llama_config(
     try:
         config.validate()
     except Exception as err:  # the strict dataclass names the bad field; say which settings feed it
-        raise ValueError(
+        raise ConfigError(
             "model.llama.overrides / model.llama.rope_theta / model.llama.rope_scaling / "
             f"model.llama.max_position_embeddings "
             f"give an invalid Llama config: {err}"
@@ -109,7 +110,7 @@ def architecture(config: LlamaConfig | dict[str, Any]) -> dict[str, Any]:
 def _checkpoint_config(path: str) -> LlamaConfig:
     raw = json.loads((Path(path).expanduser() / "config.json").read_text())
     if raw.get("model_type") != "llama":
-        raise ValueError(
+        raise ConfigError(
             f"model.llama.name_or_path: {path!r} holds a {raw.get('model_type')!r} checkpoint; only Llama checkpoints "
             "(model_type 'llama') are supported"
         )
@@ -118,18 +119,18 @@ def _checkpoint_config(path: str) -> LlamaConfig:
 
 def _apply_override(config: LlamaConfig, key: str, value: Any) -> None:
     if key in _ROPE_FIELDS:
-        raise ValueError(
+        raise ConfigError(
             f"model.llama.overrides: set {key!r} with model.llama.rope_theta / model.llama.rope_scaling instead"
         )
     fields = {field.name for field in dataclasses.fields(config)}
     if key not in fields:
-        raise ValueError(
+        raise ConfigError(
             f"model.llama.overrides: {key!r} is not a LlamaConfig field (known: {', '.join(sorted(fields))})"
         )
     try:
         setattr(config, key, value)
     except Exception as err:  # strict dataclass type check
-        raise ValueError(f"model.llama.overrides: {key}={value!r} is invalid: {err}") from err
+        raise ConfigError(f"model.llama.overrides: {key}={value!r} is invalid: {err}") from err
 
 
 def _rope_parameters(
@@ -141,13 +142,13 @@ def _rope_parameters(
         if "type" in scaling and "rope_type" not in scaling:  # transformers 4 spelling
             scaling["rope_type"] = scaling.pop("type")
         if "rope_type" not in scaling:
-            raise ValueError(
+            raise ConfigError(
                 "model.llama.rope_scaling: needs a 'rope_type' (e.g. 'default', 'linear', 'llama3', 'yarn')"
             )
         params = {"rope_theta": params.get("rope_theta"), **scaling}
     if rope_theta is not None:
         params["rope_theta"] = float(rope_theta)
     if params.get("rope_theta") is None:
-        raise ValueError("model.llama.rope_theta: the model's config has no rope_theta; set one")
+        raise ConfigError("model.llama.rope_theta: the model's config has no rope_theta; set one")
     params.setdefault("rope_type", "default")
     return params

@@ -32,6 +32,7 @@ from prolong_lit.model.optim import (
     SchedulerFactory,
     WarmupCosine,
     apply_configured_hyperparameters,
+    check_optimizer_settings,
     class_path_of,
     factory_from,
     param_groups,
@@ -272,6 +273,10 @@ class LongContextLM(pl.LightningModule):
         if manifest is not None:
             check_manifest(manifest, self.seq_len, self.hf_config.vocab_size, self.llama_settings.name_or_path)
             self.tokenizer_name = manifest.tokenizer
+
+    def check_training_settings(self, max_steps: int) -> None:
+        """Refuse a bad optimizer or schedule setting before anything runs (the CLI calls it before `fit`)."""
+        check_optimizer_settings(self.optimizer_factory, self.scheduler_factory, max_steps)
 
     def on_train_start(self) -> None:
         """On a resume whose config changed the optimizer's or the schedule's settings (a new learning rate, say),

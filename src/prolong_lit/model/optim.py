@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prolong_lit.errors import ConfigError
+
 # What LongContextLM's `optimizer` and `scheduler` settings are (jsonargparse builds them from class_path entries).
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
@@ -72,17 +74,17 @@ def resolve_warmup_steps(total_steps: int, warmup_ratio: float, warmup_steps: in
     """`warmup_steps` if given, else ceil(warmup_ratio * total_steps) (Hugging Face's rounding)."""
     if warmup_steps is not None:
         if warmup_steps < 0:
-            raise ValueError(f"model.scheduler.warmup_steps must be >= 0, got {warmup_steps}")
+            raise ConfigError(f"model.scheduler.warmup_steps must be >= 0, got {warmup_steps}")
         return int(warmup_steps)
     if not 0.0 <= warmup_ratio <= 1.0:
-        raise ValueError(f"model.scheduler.warmup_ratio must be in [0, 1], got {warmup_ratio}")
+        raise ConfigError(f"model.scheduler.warmup_ratio must be in [0, 1], got {warmup_ratio}")
     return math.ceil(total_steps * warmup_ratio)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
     """The LambdaLR factor of optimizer step `step` (0-based)."""
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"model.scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        raise ConfigError(f"model.scheduler.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -107,7 +109,7 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.1,
                  warmup_steps: int | None = None, min_lr_ratio: float = 0.1) -> None:
         if total_steps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.max_steps must be set (> 0, got {total_steps}): the cosine schedule needs the run's length"
             )
         warmup = resolve_warmup_steps(total_steps, warmup_ratio, warmup_steps)
@@ -134,7 +136,7 @@ def factory_from(value: Callable | dict[str, Any]) -> Callable:
     try:
         target = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"model: cannot import the component {value.get('class_path')!r}: {err}") from err
+        raise ConfigError(f"model: cannot import the component {value.get('class_path')!r}: {err}") from err
     return functools.partial(target, **(value.get("init_args") or {}))
 
 
@@ -148,7 +150,7 @@ def apply_configured_hyperparameters(optimizer: torch.optim.Optimizer, scheduler
 
     With nothing changed this recomputes exactly what the checkpoint held (LambdaLR's own `base_lr * factor`)."""
     if len(configured.param_groups) != len(optimizer.param_groups):
-        raise ValueError(
+        raise ConfigError(
             f"model.optimizer: the configured optimizer has {len(configured.param_groups)} parameter groups, the "
             f"resumed one {len(optimizer.param_groups)}"
         )
@@ -164,10 +166,18 @@ def apply_configured_hyperparameters(optimizer: torch.optim.Optimizer, scheduler
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if lambdas is None:
-        raise ValueError(
+        raise ConfigError(
             f"model.scheduler: {type(scheduler).__name__} is not a LambdaLR; changing the optimizer's settings on "
             "resume needs a scheduler whose learning rate is base_lr x factor(step)"
         )
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def check_optimizer_settings(optimizer_factory: Callable, scheduler_factory: Callable, total_steps: int) -> None:
+    """Build the configured optimizer and scheduler over one throw-away parameter, so that a bad setting
+    (min_lr_ratio 2, trainer.max_steps unset, ...) is refused before a run writes anything, not at its first
+    step."""
+    optimizer = optimizer_factory([{"params": [nn.Parameter(torch.zeros(1))]}])
+    scheduler_factory(optimizer, total_steps)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prolong_lit.errors import ConfigError
+
 # Llama-3's tokenizer: 128,000 BPE tokens + 256 special tokens; BOS <|begin_of_text|>, EOS <|end_of_text|>.
 LLAMA3_VOCAB_SIZE = 128_256
 LLAMA3_BOS_TOKEN_ID = 128_000
@@ -59,7 +61,7 @@ def known_sizes() -> list[str]:
 def size_config_kwargs(name: str) -> dict[str, Any]:
     """A copy of the LlamaConfig arguments of size `name`; a clear error for an unknown name."""
     if name not in SIZES:
-        raise ValueError(
+        raise ConfigError(
             f"model.llama.name_or_path: {name!r} is neither a known size ({', '.join(known_sizes())}) nor a local "
             "Hugging Face checkpoint directory (a directory holding config.json)"
         )

@@ -21,6 +21,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from transformers import GenerationConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from prolong_lit.errors import ConfigError, MissingPathError
+
 log = logging.getLogger(__name__)
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -35,7 +37,7 @@ def checkpoint_files(checkpoint_dir: str | Path) -> list[Path]:
         return [path / name for name in sorted(set(weight_map.values()))]
     if (path / SAFETENSORS_FILE).is_file():
         return [path / SAFETENSORS_FILE]
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"model.llama.name_or_path: {str(path)!r} holds no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}; sharded "
         "loading reads "
         "safetensors checkpoints only (save the model with save_pretrained)"
@@ -73,7 +75,7 @@ def load_hf_weights(model: nn.Module, checkpoint_dir: str | Path) -> int:
                 loaded.add(name)
     missing = sorted(params.keys() - loaded)
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"model.llama.name_or_path: the checkpoint {str(checkpoint_dir)!r} lacks {len(missing)} weights of the "
             "model, "
             f"e.g. {missing[:3]} (model.llama.overrides that change the architecture cannot apply to a checkpoint)"
@@ -89,7 +91,7 @@ def _copy_local_slice(param: torch.Tensor, source, name: str, file: Path) -> int
     """Copy the part of the checkpoint tensor `source` (a safetensors slice) that this rank holds of `param`."""
     global_shape = tuple(source.get_shape())
     if global_shape != tuple(param.shape):
-        raise ValueError(
+        raise ConfigError(
             f"model.llama.name_or_path: {name} is {global_shape} in {file.name} but {tuple(param.shape)} in the "
             "model built "
             "from its config (check model.llama.overrides)"

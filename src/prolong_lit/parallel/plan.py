@@ -21,6 +21,7 @@ from typing import Any
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from prolong_lit.errors import ConfigError
 from prolong_lit.parallel.fsdp import ShardingConfig
 from prolong_lit.parallel.sequence import SP_SETTING, SequenceParallel
 
@@ -74,9 +75,9 @@ class ParallelPlan:
 def check_sequence_parallel_size(size: Any, world_size: int | None = None) -> None:
     """A clear error for a P that is not a positive integer or does not divide the world."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"{SP_SETTING} must be an integer >= 1, got {size!r}")
+        raise ConfigError(f"{SP_SETTING} must be an integer >= 1, got {size!r}")
     if world_size is not None and world_size % size:
-        raise ValueError(
+        raise ConfigError(
             f"{SP_SETTING} ({size}) must divide the number of ranks ({world_size} = trainer.devices x "
             "trainer.num_nodes)"
         )
@@ -86,7 +87,7 @@ def build_world_mesh(device_type: str, world_size: int, replicate_size: int, seq
                      ) -> DeviceMesh:
     """The run's one device mesh (see the module docstring); its "shard" dimension spans replica's ranks."""
     if replicate_size < 1 or world_size % replicate_size:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.strategy.init_args.replicate_size: {replicate_size} does not divide the world size "
             f"{world_size} (trainer.num_nodes x trainer.devices)"
         )
@@ -163,7 +164,7 @@ def lightning_data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
     names = tuple(mesh.mesh_dim_names or ())
     tensor_parallel = mesh[LIGHTNING_TP_DIM].size() if LIGHTNING_TP_DIM in names else 1
     if LIGHTNING_DP_DIM not in names or tensor_parallel != 1:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.strategy: ModelParallelStrategy's mesh {names} puts {tensor_parallel} ranks into tensor "
             "parallelism, which prolong_lit does not implement (its 'auto' sizes do this on a single node); set "
             "data_parallel_size to the world size and tensor_parallel_size: 1, or use "

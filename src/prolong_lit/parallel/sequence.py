@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from prolong_lit.constants import IGNORE_INDEX
+from prolong_lit.errors import ConfigError
 from prolong_lit.parallel.ulysses import SP_SETTING, kv_head_repeats
 
 
@@ -46,7 +47,7 @@ class SequenceParallel:
     def local_slice(self, length: int) -> slice:
         """This rank's contiguous share of a row of `length` tokens."""
         if length % self.size:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence parallelism: rows of {length} tokens do not split into {SP_SETTING} ({self.size}) equal "
                 f"chunks; set data.seq_len (model.seq_len follows it) to a multiple of {self.size}"
             )
@@ -59,7 +60,7 @@ def check_sequence_parallel_shape(size: int, seq_len: int | None, num_attention_
     """Clear errors, before the model is built, for a row length (when known) or a head count that P does not
     divide."""
     if seq_len is not None and seq_len % size:
-        raise ValueError(
+        raise ConfigError(
             f"the training length ({seq_len}, data.seq_len) must be a multiple of {SP_SETTING} ({size}): every "
             "rank holds an equal contiguous chunk of each row"
         )

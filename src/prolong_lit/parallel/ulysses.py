@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from prolong_lit.errors import ConfigError
+
 SP_KWARG = "sequence_parallel"  # the forward keyword that carries the group to the attention
 SP_SETTING = "trainer.strategy.init_args.sequence_parallel_size"  # the setting named in errors about P
 
@@ -52,7 +54,7 @@ def kv_head_repeats(num_attention_heads: int, num_key_value_heads: int, size: in
     and gcd(size/g, H_kv/g) = 1 give size/g | H/H_kv), so the repeated heads never outnumber the query heads.
     """
     if num_attention_heads % size or num_attention_heads % num_key_value_heads:
-        raise ValueError(
+        raise ConfigError(
             f"{SP_SETTING} ({size}) must divide the number of attention heads "
             f"({num_attention_heads}, with {num_key_value_heads} kv heads): the all-to-all gives each rank "
             f"num_attention_heads / sequence_parallel_size whole heads"
