@@ -28,10 +28,18 @@ from lightning.fabric.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from lightning.pytorch.plugins.io import TorchCheckpointIO  # noqa: E402
 
 from prolong_lit.callbacks.slurm_requeue import SlurmRequeue  # noqa: E402
-from prolong_lit.errors import USER_ERROR_EXIT_STATUS, show_tracebacks, user_error_of  # noqa: E402
-from prolong_lit.resume_settings import RESUME_SETTINGS, check_resume, recorded_model_settings  # noqa: E402
+from prolong_lit.checkpoint_io import AtomicCheckpointIO  # noqa: E402
+from prolong_lit.checkpoint_resume import resolve_resume_path  # noqa: E402
+from prolong_lit.errors import USER_ERROR_EXIT_STATUS, ConfigError, show_tracebacks, user_error_of  # noqa: E402
+from prolong_lit.resume_settings import (  # noqa: E402
+    RESUME_SETTINGS,
+    check_resume,
+    model_differences,
+    recorded_model_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +130,35 @@ class ProLongCLI(LightningCLI):
                 checkpoint.dirpath = os.path.realpath(os.path.join(root, "checkpoints"))
         if SLURMEnvironment.detect() and not any(isinstance(c, SlurmRequeue) for c in trainer.callbacks):
             trainer.callbacks.append(SlurmRequeue())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a plugin the config chose
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # whole checkpoints or none (checkpoint_io.py)
         return trainer
 
     def before_fit(self) -> None:
+        """Before anything is written: the model's training settings are checked; then `--ckpt_path last` / `hpc`
+        and a Slurm requeue resume from the newest checkpoint that loads (a damaged newer one is named in a warning),
+        never silently from scratch (prolong_lit.checkpoint_resume)."""
         check_training_settings = getattr(self.model, "check_training_settings", None)
         if callable(check_training_settings):  # a bad optimizer/schedule setting: refused before anything is written
             check_training_settings(self.trainer.max_steps)
+        config = self.config_init[self.subcommand]
+        asked = config.get("ckpt_path")
+        config["ckpt_path"] = resolve_resume_path(asked, self.trainer)
+        if asked in LIGHTNING_CKPT_KEYWORDS and config["ckpt_path"] not in (None, *LIGHTNING_CKPT_KEYWORDS):
+            self._check_resolved_resume(config["ckpt_path"], asked)
+
+    def _check_resolved_resume(self, ckpt_path: str, asked: str) -> None:
+        """`--ckpt_path last` (resolved only now) gets the settings check an explicit path got at parsing; the
+        model is already built from the config, so `--resume_settings checkpoint` needs the explicit path."""
+        config = self.config[self.subcommand]
+        recorded, configured = recorded_model_settings(ckpt_path), config["model"].as_dict()
+        if config.get("resume_settings", "config") == "config":
+            check_resume(recorded, configured, "config", ckpt_path)
+        elif recorded is not None and model_differences(recorded, configured):
+            raise ConfigError(
+                f"--resume_settings checkpoint with --ckpt_path {asked}: give the checkpoint's path ({ckpt_path}) "
+                "instead, so that its recorded model settings can replace the config's before the model is built"
+            )
 
     def dump_config(self) -> str:
         """The parsed config as YAML (a file `fit --config` runs as it is)."""

@@ -114,7 +114,7 @@ def check_resume(recorded: Mapping[str, Any] | None, configured: Mapping[str, An
         raise CheckpointError(f"--resume_settings must be one of {list(RESUME_SETTINGS)}, got {policy!r}")
     if recorded is None:
         return []
-    found = differences(_with_layer_names(recorded), _with_layer_names(configured))
+    found = model_differences(recorded, configured)
     if policy == "checkpoint":
         for difference in found:
             log.warning("resume keeps the checkpoint's %s = %r (the config says %r; --resume_settings checkpoint)",
@@ -131,6 +131,11 @@ def check_resume(recorded: Mapping[str, Any] | None, configured: Mapping[str, An
         log.warning("resume applies the config's %s = %r from the resumed step on (the checkpoint recorded %r)",
                     difference.setting, difference.configured, difference.recorded)
     return found
+
+
+def model_differences(recorded: Mapping[str, Any], configured: Mapping[str, Any]) -> list[Difference]:
+    """The differing settings of two `model` configs (`{class_path, init_args}`), named `model.llama.x`."""
+    return differences(_with_layer_names(recorded), _with_layer_names(configured))
 
 
 def _with_layer_names(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,52 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from prolong_lit.errors import CheckpointError
 from prolong_lit.pipeline.config import load_pipeline_config
 from prolong_lit.pipeline.run import FINAL_CHECKPOINT, MARKER, resume_checkpoint, run_pipeline
 from tests.helpers.data_factory import write_prepared
+from tests.helpers.pipeline_helpers import LR, MICRO_BATCH, SEQ_LEN, phase, write_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
-SEQ_LEN, MICRO_BATCH, LR = 128, 2, 1e-3
-
-
-def phase(name: str, steps: int, data_dir: Path, probes: Path, **extra) -> dict:
-    """A phase: the demo pretrain config on tiny data, checkpointing every 2 steps, plus a probe callback.
-
-    Its one ModelCheckpoint keeps save_last and has no dirpath: it writes to `<run_dir>/<phase>/checkpoints`, the
-    phase's default_root_dir, where the pipeline resumes an interrupted phase from."""
-    overrides = {
-        "trainer.max_steps": steps,
-        "trainer.val_check_interval": steps,
-        "trainer.limit_val_batches": 1,
-        "trainer.log_every_n_steps": 1,
-        "trainer.callbacks": [
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"every_n_train_steps": 2, "save_top_k": -1, "filename": "step{step}",
-                          "auto_insert_metric_name": False, "save_last": True}},
-            {"class_path": "prolong_lit.callbacks.tokens.TokenAccounting"},
-        ],
-        "data.init_args.data_dir": str(data_dir),
-        "data.init_args.seq_len": SEQ_LEN,
-        "data.init_args.micro_batch_size": MICRO_BATCH,
-        "data.init_args.val_samples_per_domain": 2,
-        "data.init_args.num_workers": 0,
-        "data.init_args.weights": {"code": 0.5, "docs": 0.5},
-        "model.init_args.optimizer.init_args.lr": LR,
-        "model.init_args.scheduler.init_args.warmup_steps": 2,
-        **extra.pop("overrides", {}),
-    }
-    probe = {"class_path": "tests.helpers.pipeline_helpers.OptimizerProbe",
-             "init_args": {"dirpath": str(probes), "tag": name}}
-    callbacks = [probe, *extra.pop("callbacks", [])]
-    return {"name": name, "config": "configs/demo/pretrain.yaml", "overrides": overrides, "callbacks": callbacks,
-            **extra}
-
-
-def write_pipeline(path: Path, run_dir: Path, phases: list[dict]) -> Path:
-    path.write_text(yaml.safe_dump({"run_dir": str(run_dir), "phases": phases}, sort_keys=False))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -212,19 +174,53 @@ def test_an_override_that_does_not_parse_fails_before_training(tmp_path, monkeyp
     assert not (tmp_path / "run").exists()
 
 
+def _checkpoint_file(path: Path, when: int) -> Path:
+    """A small single-file Lightning-like checkpoint (loads, holds a state_dict), modified at `when`."""
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "global_step": when}, path)
+    os.utime(path, (when, when))
+    return path
+
+
+def _distributed_checkpoint(path: Path, when: int) -> Path:
+    """A real torch.distributed.checkpoint directory plus Lightning's meta.pt, modified at `when`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"state_dict": {"w": torch.zeros(2)}}, checkpoint_id=str(path), no_dist=True)
+    torch.save({"global_step": when}, path / "meta.pt")
+    for file in path.iterdir():
+        os.utime(file, (when, when))
+    return path
+
+
 def test_an_interrupted_phase_resumes_from_its_newest_checkpoint(tmp_path):
-    """last.ckpt (periodic) against the hpc_ckpt_<N> a Slurm requeue writes into the phase directory."""
+    """last.ckpt / step files (periodic) against the hpc_ckpt_<N> a Slurm requeue writes into the phase
+    directory; a newer checkpoint that does not load is set aside for the newest one that does."""
     assert resume_checkpoint(tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    last.write_bytes(b"x")
-    os.utime(last, (1000, 1000))
+    last = _checkpoint_file(tmp_path / "checkpoints" / "last.ckpt", 1000)
     assert resume_checkpoint(tmp_path) == last
     for n, when in ((1, 2000), (2, 3000)):  # distributed checkpoints: directories of shards
-        (tmp_path / f"hpc_ckpt_{n}.ckpt").mkdir()
-        shard = tmp_path / f"hpc_ckpt_{n}.ckpt" / "__0_0.distcp"
-        shard.write_bytes(b"x")
-        os.utime(shard, (when, when))
+        _distributed_checkpoint(tmp_path / f"hpc_ckpt_{n}.ckpt", when)
     assert resume_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_2.ckpt"
     os.utime(last, (4000, 4000))  # a periodic checkpoint after the requeue's
     assert resume_checkpoint(tmp_path) == last
+    _checkpoint_file(tmp_path / "checkpoints" / FINAL_CHECKPOINT, 5000)  # never a resume point
+    assert resume_checkpoint(tmp_path) == last
+
+    # a truncated newer last.ckpt and a distributed one with a short shard: both set aside, hpc_ckpt_1 resumes
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    os.utime(last, (4000, 4000))
+    shard = next((tmp_path / "hpc_ckpt_2.ckpt").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-4])
+    assert resume_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+    assert (tmp_path / "checkpoints" / "last.ckpt.unloadable").is_file() and not last.exists()
+    assert (tmp_path / "hpc-ckpt-2.ckpt.unloadable").is_dir()  # out of Lightning's "hpc_ckpt_" name scan
+
+
+def test_an_interrupted_phase_whose_checkpoints_all_fail_to_load_stops(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match=r"no checkpoint to resume from loads: .*last\.ckpt' is truncated"):
+        resume_checkpoint(tmp_path)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # a refusal leaves the files alone

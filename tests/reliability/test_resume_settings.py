@@ -68,6 +68,16 @@ def test_another_model_is_refused_naming_the_setting(resumable):
     assert _snapshot(run) == before
 
 
+def test_ckpt_path_last_gets_the_same_check(resumable):
+    """`last` is resolved to a file only once the trainer exists; the resolved checkpoint is checked all the same."""
+    tmp, data = resumable
+    run = run_dir(tmp, "a")
+    before = _snapshot(run)
+    stderr = _refused(["fit", "--config", str(_config(tmp, data, "a", layers=1)), "--ckpt_path", "last"], cwd=tmp)
+    assert "model.llama.overrides" in stderr and "last.ckpt" in stderr
+    assert _snapshot(run) == before
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "state_dict"])
 def test_a_file_that_is_not_a_training_checkpoint_is_refused(resumable, tmp_path, content):
     tmp, data = resumable

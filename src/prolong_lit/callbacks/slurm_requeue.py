@@ -8,9 +8,14 @@ training collectives (all-gathers, reduce-scatters) and can hang or mix them up.
 
 This callback's handler only records the signal. After every optimizer step (micro-batches of an accumulation
 window excluded) the ranks agree with one tiny all-reduce whether any rank got it; if so all of them save the
-checkpoint where Lightning's resume looks for it (`hpc_ckpt_<N>.ckpt` in the run's root directory, which
-`fit` picks up by itself on the requeued job), rank 0 runs `scontrol requeue`, and the run stops. Installing a
-handler first also keeps Lightning from installing its own (it never replaces an existing one).
+checkpoint where Lightning's resume looks for it (`hpc_ckpt_<N>.ckpt` in the run's root directory), rank 0 runs
+`scontrol requeue`, and the run stops. Installing a handler first also keeps Lightning from installing its own
+(it never replaces an existing one).
+
+The save is atomic like every checkpoint of a run (prolong_lit.checkpoint_io): Slurm kills the job when its grace
+period ends, possibly during this save, which then leaves only a hidden partial file. The requeued `fit` (and
+`pipeline`) resumes from the newest checkpoint that loads, an `hpc_ckpt_<N>.ckpt` or a periodic one, with a
+warning naming any newer one that does not (`ProLongCLI.before_fit`, `checkpoint_resume.resolve_resume_path`).
 
 `ProLongCLI` adds this callback by itself to every run that Lightning detects as a Slurm job, so configs do not
 have to mention it; outside Slurm it does nothing.

@@ -34,8 +34,18 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m prolong_lit export --checkpoint C --output DIR [--tokenizer T] [--dtype D] [--overwrite]`."""
+    """`python -m prolong_lit export --checkpoint C --output DIR [--tokenizer T] [--dtype D] [--overwrite]`.
+
+    A disk that fills or an output folder that cannot be written is one error naming `--output` (the export is
+    written into a scratch folder beside it, removed on failure: nothing half-written is left)."""
     from prolong_lit.checkpoint import export_hf
+    from prolong_lit.checkpoint_io import storage_error
 
     args = build_parser().parse_args(argv)
-    export_hf(args.checkpoint, args.output, args.tokenizer, args.dtype, args.overwrite)
+    try:
+        export_hf(args.checkpoint, args.output, args.tokenizer, args.dtype, args.overwrite)
+    except Exception as err:  # noqa: BLE001 - re-raised unless a full or read-only disk is behind it
+        error = storage_error(err, args.output, "the export", "--output")
+        if error is None:
+            raise
+        raise error from err

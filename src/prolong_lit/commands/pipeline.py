@@ -21,6 +21,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--config", type=str, required=True, help="the pipeline file (run_dir, paths, phases)")
     parser.add_argument("--run_dir", type=str | None, default=None, help="replaces the file's run_dir")
     args = parser.parse_args(argv)
+    from prolong_lit.checkpoint_io import storage_error
     from prolong_lit.pipeline.run import run_pipeline
 
-    run_pipeline(load_pipeline_config(args.config, run_dir=args.run_dir))
+    config = load_pipeline_config(args.config, run_dir=args.run_dir)
+    try:
+        run_pipeline(config)
+    except Exception as err:  # noqa: BLE001 - re-raised unless a full disk or a read-only run_dir is behind it
+        where = getattr(err, "filename", None) or config.run_dir
+        error = storage_error(err, where, "the pipeline's files", "run_dir, or --run_dir")
+        if error is None:
+            raise
+        raise error from err

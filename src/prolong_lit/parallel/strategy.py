@@ -24,12 +24,15 @@ precision beside a `param_dtype` is refused, so that one setting says what the r
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
+from prolong_lit.checkpoint_io import save_distributed_atomically
 from prolong_lit.parallel.fsdp import STRATEGY_SETTING, ShardingConfig
 from prolong_lit.parallel.plan import ParallelPlan, build_plan, check_sequence_parallel_size
 
@@ -99,6 +102,16 @@ class FSDP2Strategy(ModelParallelStrategy):
             self.sharding, self.activation_checkpointing,
         )
         self._device_mesh = self.parallel_plan.shard_mesh  # what Lightning's checkpointing reads, if anything
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        # A distributed checkpoint is written into a hidden directory and renamed into place, so a kill or a full
+        # disk never leaves a half-written one where a resume looks (prolong_lit.checkpoint_io); a single file
+        # goes through the trainer's CheckpointIO, atomic too.
+        if not self._save_distributed_checkpoint or storage_options is not None:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        save = partial(ModelParallelStrategy.save_checkpoint, self, checkpoint)
+        save_distributed_atomically(save, Path(self.broadcast(str(filepath))), self)
 
     def _check_precision(self) -> None:
         precision = getattr(self.precision_plugin, "precision", "32-true")

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from prolong_lit.constants import DTYPES
+from prolong_lit.errors import ConfigError, MissingPathError
 
 PREVIOUS = "previous"  # init_from's default: the phase listed before this one
 
@@ -86,20 +87,20 @@ def load_pipeline_config(path: str | Path, run_dir: str | None = None) -> Pipeli
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config: {str(path)!r} does not exist")
+        raise MissingPathError(f"--config: {str(path)!r} does not exist")
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:  # a YAML error or an interpolation that names no key
-        raise ValueError(f"--config: {str(path)!r} does not load: {err}") from err
+        raise ConfigError(f"--config: {str(path)!r} does not load: {err}") from err
     if not isinstance(raw, dict) or "phases" not in raw:
-        raise ValueError(f"--config: {str(path)!r} is not a pipeline file (it has no `phases` list)")
+        raise ConfigError(f"--config: {str(path)!r} is not a pipeline file (it has no `phases` list)")
     if run_dir is not None:
         raw["run_dir"] = run_dir
     _check_keys(raw, PipelineConfig, "")
     if not raw.get("run_dir"):
-        raise ValueError("run_dir: set the directory the pipeline writes its phases into")
+        raise ConfigError("run_dir: set the directory the pipeline writes its phases into")
     if not isinstance(raw["phases"], list) or not raw["phases"]:
-        raise ValueError("phases: give a non-empty list of phases")
+        raise ConfigError("phases: give a non-empty list of phases")
     phases = [_phase(entry, i) for i, entry in enumerate(raw["phases"])]
     config = PipelineConfig(**{**raw, "phases": phases})
     validate(config)
@@ -108,11 +109,11 @@ def load_pipeline_config(path: str | Path, run_dir: str | None = None) -> Pipeli
 
 def _check_keys(raw: Any, schema: type, where: str) -> None:
     if not isinstance(raw, dict):
-        raise ValueError(f"{where or 'the pipeline file'}: expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{where or 'the pipeline file'}: expected a mapping, got {type(raw).__name__}")
     known = [f.name for f in fields(schema)]
     for key in raw:
         if key not in known:
-            raise ValueError(f"{where}{key}: unknown setting (known: {', '.join(known)})")
+            raise ConfigError(f"{where}{key}: unknown setting (known: {', '.join(known)})")
 
 
 def _phase(raw: Any, index: int) -> PhaseConfig:
@@ -120,48 +121,48 @@ def _phase(raw: Any, index: int) -> PhaseConfig:
     _check_keys(raw, PhaseConfig, where)
     for key in ("name", "config"):
         if not raw.get(key):
-            raise ValueError(f"{where}{key}: required")
+            raise ConfigError(f"{where}{key}: required")
     raw = dict(raw)
     raw["config"] = [raw["config"]] if isinstance(raw["config"], str) else list(raw["config"])
     for key, kind in (("overrides", dict), ("callbacks", list), ("prepare", list)):
         if raw.get(key) is not None and not isinstance(raw[key], kind):
-            raise ValueError(f"{where}{key}: expected a {kind.__name__}, got {raw[key]!r}")
+            raise ConfigError(f"{where}{key}: expected a {kind.__name__}, got {raw[key]!r}")
     return PhaseConfig(**raw)
 
 
 def validate(config: PipelineConfig) -> None:
     """Every cross-phase rule, checked before anything runs; errors name the setting to fix."""
     if config.export_dtype not in DTYPES:
-        raise ValueError(f"export_dtype: {config.export_dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ConfigError(f"export_dtype: {config.export_dtype!r} is not one of {', '.join(DTYPES)}")
     names = [phase.name for phase in config.phases]
     for i, phase in enumerate(config.phases):
         where = f"phases[{i}] ({phase.name})"
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", str(phase.name)):
-            raise ValueError(f"phases[{i}].name: {phase.name!r} must be a directory name (letters, digits, _ . -)")
+            raise ConfigError(f"phases[{i}].name: {phase.name!r} must be a directory name (letters, digits, _ . -)")
         if phase.name in names[:i]:
-            raise ValueError(f"phases[{i}].name: {phase.name!r} is used by an earlier phase; names must be unique")
+            raise ConfigError(f"phases[{i}].name: {phase.name!r} is used by an earlier phase; names must be unique")
         for file in phase.config:
             if not Path(file).is_file():
-                raise FileNotFoundError(f"{where}.config: {file!r} does not exist")
+                raise MissingPathError(f"{where}.config: {file!r} does not exist")
         for key in phase.overrides:
             if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", key):
-                raise ValueError(f"{where}.overrides: {key!r} is not a dotted key like trainer.max_steps")
+                raise ConfigError(f"{where}.overrides: {key!r} is not a dotted key like trainer.max_steps")
         for j, entry in enumerate(phase.callbacks):
             if isinstance(entry, str) and not Path(entry).is_file():
-                raise FileNotFoundError(f"{where}.callbacks[{j}]: {entry!r} does not exist")
+                raise MissingPathError(f"{where}.callbacks[{j}]: {entry!r} does not exist")
             if not isinstance(entry, str) and not (isinstance(entry, dict) and "class_path" in entry):
-                raise ValueError(f"{where}.callbacks[{j}]: give a YAML bundle file or a class_path/init_args entry")
+                raise ConfigError(f"{where}.callbacks[{j}]: give a YAML bundle file or a class_path/init_args entry")
         source = init_source(config, i)
         if source is not None and source not in names[:i]:
             later = source in names
-            raise ValueError(
+            raise ConfigError(
                 f"{where}.init_from: {source!r} is {'a later phase' if later else 'not a phase of this pipeline'}; "
                 f"a phase starts from an EARLIER phase (here: {', '.join(names[:i]) or 'none'}) or from null"
             )
         if source is not None and not config.phases[names.index(source)].export:
-            raise ValueError(f"{where}.init_from: phase {source!r} has export: false; the next phase starts from it")
+            raise ConfigError(f"{where}.init_from: phase {source!r} has export: false; the next phase starts from it")
         if phase.carry_optimizer and source is None:
-            raise ValueError(f"{where}.carry_optimizer: needs init_from (the phase whose optimizer state to carry)")
+            raise ConfigError(f"{where}.carry_optimizer: needs init_from (the phase whose optimizer state to carry)")
 
 
 def init_source(config: PipelineConfig, index: int) -> str | None:
@@ -180,7 +181,7 @@ def callback_entries(phase: PhaseConfig) -> list[dict[str, Any]]:
             trainer = (yaml.safe_load(Path(entry).read_text()) or {}).get("trainer") or {}
             listed = trainer.get("callbacks", trainer.get("callbacks+"))
             if not isinstance(listed, list):
-                raise ValueError(f"phase {phase.name!r}.callbacks: {entry!r} holds no trainer.callbacks list")
+                raise ConfigError(f"phase {phase.name!r}.callbacks: {entry!r} holds no trainer.callbacks list")
             entries.extend(listed)
         else:
             entries.append(entry)

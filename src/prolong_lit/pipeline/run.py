@@ -8,14 +8,18 @@ LightningCLI as `fit`. A phase that starts from an earlier one gets that phase's
 (`model.llama.name_or_path`); with `carry_optimizer` it also gets that phase's AdamW moments while its LR schedule
 and step count restart (the `CarryOptimizerState` callback's `checkpoint`). At the end of a phase: its final
 checkpoint (`checkpoints/final.ckpt`, saved whatever the checkpoint interval), its export (`export/`), and
-`phase.json` (steps, tokens, final losses, eval scores), written last: the marker of a finished phase. At the end
-of the run, `summary.md` / `summary.json` tabulate every phase.
+`phase.json` (steps, tokens, final losses, eval scores), written last: the marker of a finished phase. The
+numbers travel inside every checkpoint of the phase (`phase_stats.FitStats`), so a phase killed right after its
+final checkpoint still reports them. At the end of the run, `summary.md` / `summary.json` tabulate every phase.
+Every file is written atomically (a hidden file fsynced, then renamed: `prolong_lit.checkpoint_io`).
 
 Re-running the same command skips finished phases, exports a phase whose training finished but whose export did
-not, and resumes an interrupted phase from its newest checkpoint (`checkpoints/last.ckpt`, or the `hpc_ckpt_<N>.ckpt`
-a Slurm requeue wrote). Under several processes (torchrun, srun, or Lightning's own launcher, which re-runs this
-command per device) every rank runs this loop; files other than the fit configs are written by global rank 0, and
-ranks meet at a barrier after each phase.
+not, and resumes an interrupted phase from its newest checkpoint that loads (`checkpoints/*.ckpt`, or the
+`hpc_ckpt_<N>.ckpt` a Slurm requeue wrote; a damaged newer one is named in a warning and set aside, and if none
+loads the run stops with an error naming them rather than training from scratch). A phase whose data preparation
+was interrupted prepares it again. Under several processes (torchrun, srun, or Lightning's own launcher, which
+re-runs this command per device) every rank runs this loop; files other than the fit configs are written by global
+rank 0, and ranks meet at a barrier after each phase.
 """
 
 from __future__ import annotations
@@ -27,24 +31,26 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prolong_lit.callbacks.optimizer_handoff import CarryOptimizerState
+from prolong_lit.checkpoint_io import atomic_write
+from prolong_lit.checkpoint_resume import UNLOADABLE_SUFFIX, checkpoint_problem, find_checkpoints, newest_loadable
+from prolong_lit.errors import ConfigError, DataError, MissingPathError
 from prolong_lit.pipeline.config import PhaseConfig, PipelineConfig, callback_entries, init_source, write_yaml_text
+from prolong_lit.pipeline.phase_stats import SUMMARY_METRICS, FitStats, read_fit_stats
 
 log = logging.getLogger(__name__)
 
 FIT_CONFIG = "fit.yaml"
 MARKER = "phase.json"
-FIT_STATS = ".fit-stats.json"  # steps, tokens, metrics of a finished fit, until the marker holds them
+LEGACY_FIT_STATS = ".fit-stats.json"  # where runs before FitStats kept the numbers of a finished fit
 FINAL_CHECKPOINT = "final.ckpt"
 LAST_CHECKPOINT = "last.ckpt"
 EXPORT_DIR = "export"
-SUMMARY_METRICS = ("train/loss", "val/loss")  # plus every eval/* metric
 
 
 @dataclass
@@ -113,7 +119,7 @@ def run_pipeline(config: PipelineConfig) -> list[PhaseResult]:
             results.append(finished)
             continue
         check_inputs(config, i)
-        results.append(run_phase(config, phase, directory, fit_config))
+        results.append(run_phase(config, i, directory, fit_config))
         barrier()  # the next phase reads this one's export
     if is_rank_zero():
         write_summary(Path(config.run_dir), results)
@@ -152,7 +158,7 @@ def parse_phase(config: PipelineConfig, index: int) -> str:
         cli = ProLongCLI(args=phase_fit_args(config, index), parse_only=True)
     except Exception as err:  # jsonargparse's ArgumentError / ValueError name the bad key
         message = str(err).strip().splitlines()
-        raise ValueError(
+        raise ConfigError(
             f"phases[{index}] ({phase.name}): its fit config does not parse (config {phase.config} + overrides): "
             + " ".join(line.strip() for line in message[:3])
         ) from err
@@ -181,66 +187,91 @@ def check_inputs(config: PipelineConfig, index: int) -> None:
     where = f"phases[{index}] ({config.phases[index].name})"
     export = phase_dir(config, source) / EXPORT_DIR
     if not (export / "config.json").is_file():
-        raise FileNotFoundError(f"{where}.init_from: phase {source!r} has no export at {str(export)!r}")
+        raise MissingPathError(f"{where}.init_from: phase {source!r} has no export at {str(export)!r}")
     if config.phases[index].carry_optimizer:
         from prolong_lit.callbacks.optimizer_handoff import saved_state_shapes
 
         checkpoint = phase_dir(config, source) / "checkpoints" / FINAL_CHECKPOINT
         if not checkpoint.exists():
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{where}.carry_optimizer: phase {source!r}'s final checkpoint {str(checkpoint)!r} (the optimizer "
                 "state to carry) is missing; restore it, or set carry_optimizer: false"
             )
         saved_state_shapes(checkpoint)  # raises if it holds no usable optimizer state
 
 
-def prepare_data(phase: PhaseConfig) -> None:
+def prepare_data(config: PipelineConfig, index: int) -> None:
     """Run the phase's `prepare` arguments unless their output_dir already holds prepared data (rank 0 only:
-    the other ranks wait in the process-group set-up of the phase's fit)."""
+    the other ranks wait in the process-group set-up of the phase's fit). An output_dir left by an interrupted
+    preparation (prepare's incomplete marker, no manifest) is prepared again, as a rerun resumes the pipeline; a
+    non-empty folder that is not prepared data is refused, naming the phase's setting."""
+    phase = config.phases[index]
     if not phase.prepare or not is_rank_zero():
         return
     from prolong_lit.data.format import MANIFEST_NAME
-    from prolong_lit.data.prepare import parse_config, prepare
+    from prolong_lit.data.prepare import INCOMPLETE_MARKER, parse_config, prepare
 
     data_config, overwrite = parse_config([str(arg) for arg in phase.prepare])
-    if (Path(data_config.output_dir) / MANIFEST_NAME).is_file() and not overwrite:
-        log.info("phase %s: data at %s is prepared", phase.name, data_config.output_dir)
+    output = Path(data_config.output_dir)
+    if (output / MANIFEST_NAME).is_file() and not overwrite:
+        log.info("phase %s: data at %s is prepared", phase.name, output)
         return
-    log.info("phase %s: preparing %s", phase.name, data_config.output_dir)
+    if output.is_dir() and not overwrite:
+        if (output / INCOMPLETE_MARKER).exists() or not any(output.iterdir()):
+            log.warning("phase %s: %s holds an interrupted preparation (%s, no %s); preparing it again",
+                        phase.name, output, INCOMPLETE_MARKER, MANIFEST_NAME)
+            overwrite = True
+        else:
+            raise DataError(
+                f"phases[{index}] ({phase.name}).prepare: its output_dir {str(output)!r} exists but holds no "
+                f"{MANIFEST_NAME} (it is not prepared data); remove that folder, or give another --output_dir "
+                "in the phase's prepare list, then run the pipeline again"
+            )
+    elif output.exists() and not output.is_dir():
+        raise DataError(f"phases[{index}] ({phase.name}).prepare: its output_dir {str(output)!r} is a file")
+    log.info("phase %s: preparing %s", phase.name, output)
     prepare(data_config, overwrite=overwrite)
 
 
 def resume_checkpoint(directory: Path) -> Path | None:
-    """Where an interrupted phase resumes: the newer of `checkpoints/last.ckpt` and the newest `hpc_ckpt_<N>.ckpt`
-    (what the Slurm requeue callback writes into the phase directory, Lightning's default_root_dir, at the step
-    the job was stopped, usually after the last periodic checkpoint). None when there is neither."""
-    candidates = [directory / "checkpoints" / LAST_CHECKPOINT]
-    hpc = [(int(match.group(1)), path) for path in directory.glob("hpc_ckpt_*.ckpt")
-           if (match := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", path.name))]
-    if hpc:
-        candidates.append(max(hpc)[1])
-    existing = [path for path in candidates if path.exists()]
-    return max(existing, key=_modified, default=None)
+    """Where an interrupted phase resumes: the newest checkpoint that loads among `checkpoints/*.ckpt` and the
+    `hpc_ckpt_<N>.ckpt` a Slurm requeue writes into the phase directory (Lightning's default_root_dir). A newer
+    one that does not load is named in a warning and set aside (`checkpoint_resume.newest_loadable`); None when the
+    phase saved none; a CheckpointError naming them when none loads."""
+    candidates = [path for path in find_checkpoints([directory / "checkpoints"], directory)
+                  if path.name != FINAL_CHECKPOINT]
+    fix = "delete them (or the phase's folder) to train the phase from its start"
+    return newest_loadable(candidates, f"the interrupted phase in {str(directory)!r}", fix)
 
 
-def _modified(path: Path) -> float:
-    """Modification time of a checkpoint file, or of the newest file of a distributed checkpoint directory."""
-    if path.is_dir():
-        return max((child.stat().st_mtime for child in path.rglob("*") if child.is_file()), default=0.0)
-    return path.stat().st_mtime
+def _final_checkpoint(directory: Path) -> Path | None:
+    """The phase's final checkpoint if it was saved and loads; a damaged one is set aside (the phase resumes)."""
+    final = directory / "checkpoints" / FINAL_CHECKPOINT
+    if not final.exists():
+        return None
+    problem = checkpoint_problem(final)
+    if problem is None:
+        return final
+    if is_rank_zero():
+        target = final.with_name(final.name + UNLOADABLE_SUFFIX)
+        os.replace(final, target)
+        log.warning("final checkpoint %s %s; kept as %s, the phase resumes from its newest intact checkpoint",
+                    final, problem, target)
+    barrier()
+    return None
 
 
-def run_phase(config: PipelineConfig, phase: PhaseConfig, directory: Path, fit_config: str) -> PhaseResult:
+def run_phase(config: PipelineConfig, index: int, directory: Path, fit_config: str) -> PhaseResult:
     """Train (or resume) one phase, then save its final checkpoint, export it and write its marker."""
+    phase = config.phases[index]
     started = time.perf_counter()
     final = directory / "checkpoints" / FINAL_CHECKPOINT
-    last = resume_checkpoint(directory)
     actions: list[str] = []
-    steps, tokens, metrics = 0, None, {}
-    if final.exists():  # trained earlier; the export or the marker is missing
-        steps, tokens, metrics = _saved_fit_stats(directory)
+    if _final_checkpoint(directory) is not None:  # trained earlier; the export or the marker is missing
+        steps, tokens, metrics = _saved_fit_stats(directory, final)
     else:
-        prepare_data(phase)
+        last = resume_checkpoint(directory)
+        prepare_data(config, index)
         fit_path = directory / FIT_CONFIG
         write_yaml_text(fit_config, fit_path)
         if last is not None:
@@ -250,8 +281,6 @@ def run_phase(config: PipelineConfig, phase: PhaseConfig, directory: Path, fit_c
             actions.append("trained")
             log.info("phase %s: training (%s)", phase.name, fit_path)
         steps, tokens, metrics = _fit(phase, fit_path, last, final)
-        if is_rank_zero():  # what only the trainer knew, kept in case the export below is interrupted
-            write_json({"steps": steps, "tokens": tokens, "metrics": metrics}, directory / FIT_STATS)
     export = None
     if phase.export:
         export = directory / EXPORT_DIR
@@ -279,25 +308,20 @@ def _fit(phase: PhaseConfig, fit_path: Path, resume: Path | None,
 
     cli = ProLongCLI(args=["--config", str(fit_path)], run=False)
     trainer = cli.trainer
+    fit_stats = FitStats()  # the phase's numbers, in every checkpoint it saves (final.ckpt included)
+    trainer.callbacks.append(fit_stats)
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=None if resume is None else str(resume))
     if trainer.interrupted or trainer.global_step < trainer.max_steps:
         raise PhaseIncomplete(
             f"phase {phase.name!r} stopped at step {trainer.global_step} of {trainer.max_steps}; run the same "
             "command again to resume it from its last checkpoint"
         )
-    trainer.save_checkpoint(final)  # collective; the hand-off callback records the parameter names in it
-    metrics = {
-        key: float(value) for key, value in sorted(trainer.callback_metrics.items())
-        if key in SUMMARY_METRICS or key.startswith("eval/")
-    }
-    datamodule = trainer.datamodule
-    tokens = None
-    if hasattr(datamodule, "consumed_samples") and hasattr(datamodule, "seq_len"):
-        tokens = int(datamodule.consumed_samples()) * int(datamodule.seq_len)
-    steps = int(trainer.global_step)
-    del cli, trainer, datamodule
+    # collective; the hand-off callback records the parameter names in it, FitStats the numbers below
+    trainer.save_checkpoint(final)
+    stats = fit_stats.stats(trainer)
+    del cli, trainer, fit_stats
     gc.collect()
-    return steps, tokens, metrics
+    return stats["steps"], stats["tokens"], stats["metrics"]
 
 
 def _check_resumable(phase: PhaseConfig, callbacks: list) -> None:
@@ -309,7 +333,7 @@ def _check_resumable(phase: PhaseConfig, callbacks: list) -> None:
     saving = [c for c in callbacks if isinstance(c, Namespace) and issubclass(_class(c.class_path), ModelCheckpoint)]
     args = saving[0].get("init_args") or Namespace() if len(saving) == 1 else None
     if args is None or args.get("dirpath") is not None or not args.get("save_last"):
-        raise ValueError(
+        raise ConfigError(
             f"phase {phase.name!r}: the pipeline resumes an interrupted phase from checkpoints/{LAST_CHECKPOINT} in "
             "its directory; its trainer.callbacks need exactly one ModelCheckpoint, with save_last: true and no "
             f"dirpath (it then follows trainer.default_root_dir); found {len(saving)}"
@@ -322,19 +346,26 @@ def _class(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def _saved_fit_stats(directory: Path) -> tuple[int, int | None, dict[str, float]]:
-    draft = directory / FIT_STATS
-    if not draft.is_file():
+def _saved_fit_stats(directory: Path, final: Path) -> tuple[int, int | None, dict[str, float]]:
+    """The numbers of a phase trained earlier: from its final checkpoint (FitStats), else from the file that
+    runs before FitStats wrote; a warning when neither has them."""
+    stats = read_fit_stats(final)
+    legacy = directory / LEGACY_FIT_STATS
+    if stats is None and legacy.is_file():
+        stats = json.loads(legacy.read_text())
+    if stats is None:
+        log.warning("phase %s: %s records no step count or losses; the summary shows none", directory.name, final)
         return 0, None, {}
-    stats = json.loads(draft.read_text())
     return stats["steps"], stats["tokens"], stats["metrics"]
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.{os.getpid()}")
-    scratch.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(scratch, path)
+    """Write `data` as JSON atomically (fsynced, then renamed into place)."""
+    write_text_atomically(json.dumps(data, indent=2, sort_keys=True) + "\n", path)
+
+
+def write_text_atomically(text: str, path: Path) -> None:
+    atomic_write(path, lambda file: file.write(text.encode()), what="the pipeline record")
 
 
 # ---- summary ------------------------------------------------------------------------------------------------
@@ -369,6 +400,6 @@ def _number(value: float | None) -> str:
 
 def write_summary(run_dir: Path, results: list[PhaseResult]) -> None:
     table = summary_table(results)
-    (run_dir / "summary.md").write_text(table)
+    write_text_atomically(table, run_dir / "summary.md")
     write_json({"phases": [r.__dict__ for r in results]}, run_dir / "summary.json")
     log.info("pipeline summary (%s):\n%s", run_dir / "summary.md", table)
