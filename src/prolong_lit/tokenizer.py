@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 from pathlib import Path
 
 from tokenizers import processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from prolong_lit.errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +70,21 @@ def llama3_special_tokens() -> list[str]:
     return named + reserved
 
 
-def build_llama3_tokenizer(output_dir: str | Path, overwrite: bool = False) -> Path:
+def build_llama3_tokenizer(output_dir: str | Path, overwrite: bool = False, setting: str = "--output") -> Path:
     """Build the Llama-3 (Instruct) tokenizer from `llama-models`' BPE ranks into `output_dir`.
 
-    Skips the work when `output_dir` already holds a tokenizer, unless `overwrite`.
+    Skips the work when `output_dir` already holds a tokenizer, unless `overwrite`. The files are written beside
+    it first and moved in, tokenizer.json last, so a full disk or a kill never leaves a tokenizer.json that
+    looks built; an OSError (a full or read-only disk) is a ConfigError naming `setting` and the path.
     """
     output_dir = Path(output_dir)
     if (output_dir / "tokenizer.json").exists() and not overwrite:
         log.info("Llama-3 tokenizer already built at %s", output_dir)
         return output_dir
+    existing = next(folder for folder in (output_dir, *output_dir.parents) if folder.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):  # before the ~10 s build (a read-only mount says so too)
+        raise ConfigError(f"{setting}: cannot write the tokenizer to {output_dir}: {existing} is not writable; "
+                          "choose a writable folder")
     try:
         import llama_models.llama3
     except ImportError as err:  # pragma: no cover - llama-models is a hard dependency
@@ -107,10 +117,38 @@ def build_llama3_tokenizer(output_dir: str | Path, overwrite: bool = False) -> P
     )
     tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
     _check_llama3_ids(tokenizer)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(output_dir))
+    try:
+        _save(tokenizer, output_dir)
+    except OSError as err:
+        raise ConfigError(f"{setting}: writing the tokenizer to {output_dir} failed: {err.strerror or err}; choose a "
+                          "writable folder with room for it (~20 MB)") from err
     log.info("built the Llama-3 tokenizer (vocab %d) at %s", len(tokenizer), output_dir)
     return output_dir
+
+
+def _save(tokenizer: PreTrainedTokenizerBase, output_dir: Path) -> None:
+    """save_pretrained into a scratch folder beside `output_dir`, then each file moved in (tokenizer.json, the
+    file that says a tokenizer is there, last); the scratch folder goes in any case."""
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scratch = output_dir.parent / f".{output_dir.name}.saving-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        try:
+            tokenizer.save_pretrained(str(scratch))
+        except Exception as err:  # the Rust tokenizers library reports an I/O error as "... (os error N)"
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(scratch / "tokenizer.json")) from err
+        for path in sorted(scratch.iterdir(), key=lambda path: path.name == "tokenizer.json"):
+            os.replace(path, output_dir / path.name)
+    except BaseException:
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _check_llama3_ids(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -138,10 +176,10 @@ def load_tokenizer(path: str | Path, setting: str = "tokenizer") -> PreTrainedTo
     if str(path) == "llama3":
         path = default_llama3_tokenizer_dir()
         if not (path / "tokenizer.json").exists():
-            build_llama3_tokenizer(path)
+            build_llama3_tokenizer(path, setting=f"{setting} (llama3, built into {path})")
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{setting}: tokenizer directory {str(path)!r} does not exist "
             "(give a local Hugging Face tokenizer directory, or `llama3` for the built-in Llama-3 tokenizer)"
         )

@@ -17,6 +17,7 @@ from prolong_lit.commands.prepare import main
 from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, Manifest
 from prolong_lit.data.prepare import DomainConfig, PrepareConfig, parse_config, prepare, validate
 from prolong_lit.data.sources import SourceConfig
+from prolong_lit.errors import ConfigError
 
 SEQ_LEN = 64
 BOS, EOS = 128000, 128001
@@ -217,7 +218,7 @@ def test_existing_output_is_refused_unless_overwrite(corpus, tmp_path):
     prepare(make_config(root, out, tokenizer=config.tokenizer))
     before = snapshot(out)
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    with pytest.raises(FileExistsError, match=r"^output_dir: .* already exists; pass --overwrite"):
+    with pytest.raises(ConfigError, match=r"^output_dir: .* already exists; pass --overwrite"):
         prepare(make_config(root, out, tokenizer=config.tokenizer, seq_len=32))
     assert snapshot(out) == before and {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no scratch left behind
@@ -226,7 +227,7 @@ def test_existing_output_is_refused_unless_overwrite(corpus, tmp_path):
     # a directory that is not prepared data is never deleted, even with overwrite
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("years of work")
-    with pytest.raises(FileExistsError, match=r"^output_dir: .* is not a prepared data directory"):
+    with pytest.raises(ConfigError, match=r"^output_dir: .* is not a prepared data directory"):
         prepare(make_config(root, tmp_path / "precious", tokenizer=config.tokenizer), overwrite=True)
     assert (tmp_path / "precious" / "thesis.tex").read_text() == "years of work"
 
@@ -309,7 +310,7 @@ def test_command_line(corpus, tmp_path, capsys):
     assert not (tmp_path / "ignored").exists()
     built = Manifest.read(out)
     assert built.seq_len == 32 and list(built.domains) == ["web"] and built.domains["web"].documents["read"] == 20
-    with pytest.raises(FileExistsError, match="^output_dir"):
+    with pytest.raises(ConfigError, match="^output_dir"):
         main(["--config", str(yaml_path), "--output_dir", str(out)])
     main(["--config", str(yaml_path), "--output_dir", str(out), "--overwrite", "--seed", "7"])
     assert Manifest.read(out) == built  # the seed reorders documents, not the counts

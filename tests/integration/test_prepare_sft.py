@@ -17,6 +17,7 @@ from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK, Manifest
 from prolong_lit.data.packing import shuffled_order
 from prolong_lit.data.prepare import DomainConfig, PrepareConfig, parse_config, prepare, validate
 from prolong_lit.data.sources import SourceConfig
+from prolong_lit.errors import ConfigError
 
 SEQ_LEN = 128
 SEED = 42
@@ -274,6 +275,6 @@ def test_ultrachat_config_parses_and_names_what_to_fill_in(tmp_path):
     [source] = domain.sources
     assert (source.type, source.messages_field, source.pattern) == ("chat", "messages", "train_sft-*.parquet")
     # the placeholder paths are refused by name before anything happens
-    with pytest.raises(FileNotFoundError, match=r"^domains\.ultrachat\.sources\[0\]\.path: '.*' does not exist"):
+    with pytest.raises(ConfigError, match=r"^domains\.ultrachat\.sources\[0\]\.path: '.*' does not exist"):
         validate(config)
     assert not (tmp_path / "uc").exists()

@@ -12,6 +12,7 @@ import pytest
 
 from prolong_lit.data.mds import check_columns, check_shard, iter_samples, read_index, read_shard
 from prolong_lit.data.rows import convert_row
+from prolong_lit.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mds"
 SEQ_LEN = 64
@@ -76,12 +77,12 @@ def copy_fixture(tmp_path: Path, name: str) -> Path:
 
 
 def test_missing_index_and_missing_or_truncated_shards_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"src: .*holds no index.json"):
+    with pytest.raises(DataError, match=r"src: .*holds no index.json"):
         read_index(tmp_path, "src")
     data = copy_fixture(tmp_path, "zstd")
     shards = read_index(data, "src")
     shards[1].path.unlink()
-    with pytest.raises(FileNotFoundError, match=r"src: .*shard.00001.mds.zstd: shard file listed in .* does not exist"):
+    with pytest.raises(DataError, match=r"src: .*shard.00001.mds.zstd: shard file listed in .* does not exist"):
         check_shard(shards[1], "src")
     shards[2].path.write_bytes(shards[2].path.read_bytes()[:-10])
     with pytest.raises(ValueError, match=r"shard.00002.mds.zstd: the file has \d+ bytes, the index says \d+"):

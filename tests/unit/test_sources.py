@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 
 import pytest
 
@@ -16,6 +17,7 @@ from prolong_lit.data.sources import (
     stdlib_dir,
     validate_source,
 )
+from prolong_lit.errors import ConfigError, DataError
 
 
 def write_jsonl(path, texts, field="text", compress=False):
@@ -162,10 +164,10 @@ def test_builtin_sources():
         (SourceConfig("jsonl"), ValueError, r"^s\[0\]\.path: a jsonl source needs a path"),
         (
             SourceConfig("parquet", "{tmp}/missing.parquet"),
-            FileNotFoundError,
+            ConfigError,
             r"^s\[0\]\.path: .*missing\.parquet' does not exist",
         ),
-        (SourceConfig("repos", "{tmp}/empty.jsonl"), NotADirectoryError, r"^s\[0\]\.path: .* must be a directory"),
+        (SourceConfig("repos", "{tmp}/empty.jsonl"), ConfigError, r"^s\[0\]\.path: .* must be a directory"),
         (
             SourceConfig("pydoc_topics", "{tmp}"),
             ValueError,
@@ -191,3 +193,45 @@ def test_validate_source_accepts_good_sources(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", ["doc"])
     validate_source(SourceConfig("jsonl", str(tmp_path / "a.jsonl")), "s")
     validate_source(SourceConfig("pydoc_topics"), "s")
+
+
+def test_bad_lines_are_named_by_file_line_and_byte(tmp_path):
+    """A jsonl line that is not JSON, or not UTF-8, is a DataError naming the file and line (the byte and its
+    offset for UTF-8), found by validate_source's read-through, before any tokenizing."""
+    good = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5))
+    cases = {
+        "cut.jsonl": (good + '{"text": "cut\n').encode(),
+        "latin1.jsonl": good.encode() + '{"text": "café"}\n'.encode("latin-1"),
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    gz = tmp_path / "cut.jsonl.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write(cases["cut.jsonl"])
+    with pytest.raises(DataError, match=r"^s: .*cut\.jsonl line 6 is not valid JSON \(column 14: "):
+        validate_source(SourceConfig("jsonl", str(tmp_path / "cut.jsonl")), "s")
+    with pytest.raises(DataError, match=r"^s: .*cut\.jsonl\.gz line 6 is not valid JSON"):
+        validate_source(SourceConfig("jsonl", str(gz)), "s")
+    with pytest.raises(DataError, match=r"^s: .*latin1\.jsonl line 6 is not UTF-8: byte 0xe9 at offset 13 .*"
+                                        r"set s\.errors: replace"):
+        validate_source(SourceConfig("jsonl", str(tmp_path / "latin1.jsonl")), "s")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n{oops}\n")
+    with pytest.raises(DataError, match=r"^s: .*chat\.jsonl line 2 is not valid JSON"):
+        validate_source(SourceConfig("chat", str(chat)), "s")
+
+
+def test_errors_replace_reads_undecodable_bytes_as_replacement_characters_and_counts_them(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 and \xff\xfe\n")
+    (tmp_path / "b.txt").write_bytes(b"clean\n")
+    with pytest.raises(DataError, match=r"^s: .*a\.txt is not UTF-8: byte 0xe9 at offset 3 does not decode"):
+        validate_source(SourceConfig("text", str(tmp_path)), "s")
+    counts = Counter()
+    texts = list(iter_documents(SourceConfig("text", str(tmp_path), errors="replace"), "s", counts))
+    assert texts == ["caf\ufffd and \ufffd\ufffd\n", "clean\n"]  # what errors="replace" gives
+    assert texts[0] == (tmp_path / "a.txt").read_bytes().decode("utf-8", errors="replace")
+    assert counts == {"with_replaced_bytes": 1, "replaced_bytes": 3}
+    with pytest.raises(ConfigError, match=r"^s\.errors: 'ignore' is not one of strict, replace"):
+        validate_source(SourceConfig("text", str(tmp_path), errors="ignore"), "s")
+    with pytest.raises(ConfigError, match=r"^s\.errors: only jsonl, text, chat sources read it \(got parquet\)"):
+        validate_source(SourceConfig("parquet", str(tmp_path / "a.txt"), errors="replace"), "s")

@@ -11,6 +11,8 @@ it) and `--overwrite`. Their parser is the library's (`prolong_lit.data.prepare.
 
 from __future__ import annotations
 
+import signal
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -29,4 +31,14 @@ def main(argv: list[str]) -> None:
     from prolong_lit.data.prepare import parse_config, prepare
 
     config, overwrite = parse_config(argv)
-    prepare(config, overwrite=overwrite)
+    # A SIGTERM (`kill`, Slurm's time limit) ends the command as Ctrl-C does: through prepare's clean-up, which
+    # removes its scratch folder and a partial output (a SIGKILL leaves both to the next run, which finds them).
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        prepare(config, overwrite=overwrite)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    sys.exit(128 + signum)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from prolong_lit.data.sources import CHAT_SOURCE_TYPES, Conversation, SourceConfig, iter_documents
+from prolong_lit.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -44,7 +45,7 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase, name: str, needed_by
         needed_by: the setting that needs a template (e.g. `domains.ultrachat`), for the message.
     """
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
+        raise DataError(
             f"tokenizer: {name!r} has no chat template (tokenizer.chat_template is None), which {needed_by} needs "
             "to render conversations; use the tokenizer directory of a chat model (e.g. Meta-Llama-3-8B-Instruct), "
             "or add a chat_template.jinja to it"
@@ -75,7 +76,7 @@ def render_conversation(
         return np.asarray(_render(tokenizer, [messages], False, where)[0], np.int32), None
     assistant = [i for i, message in enumerate(messages) if message["role"] == ASSISTANT]
     if assistant and assistant[0] == 0:
-        raise ValueError(f"{where}: the conversation opens with an assistant message; nothing prompts it")
+        raise DataError(f"{where}: the conversation opens with an assistant message; nothing prompts it")
     # renders of messages[:1], ..., messages[:n] (the last is the whole conversation), then the prompts
     ends_renders = _render(tokenizer, [messages[: i + 1] for i in range(len(messages))], False, where)
     full = ends_renders[-1]
@@ -86,7 +87,7 @@ def render_conversation(
         for i, render in zip(assistant, starts_renders):
             start = _prefix_length(render, full, where, f"messages[:{i}] with the generation prompt")
             if not ends[i - 1] <= start <= ends[i]:
-                raise ValueError(
+                raise DataError(
                     f"tokenizer: the chat template's generation prompt after messages[:{i}] of {where} ends at "
                     f"token {start}, outside message {i} (tokens {ends[i - 1]}..{ends[i]}); the assistant tokens "
                     "cannot be located from token boundaries"
@@ -105,13 +106,13 @@ def _render(
             list(conversations), tokenize=True, add_generation_prompt=generation_prompt, return_dict=False
         )
     except (TemplateError, ValueError, TypeError, KeyError) as err:  # e.g. a template's raise_exception()
-        raise ValueError(f"{where}: the tokenizer's chat template failed on this conversation: {err}") from err
+        raise DataError(f"{where}: the tokenizer's chat template failed on this conversation: {err}") from err
     return [list(ids) for ids in rendered]
 
 
 def _prefix_length(tokens: list[int], full: list[int], where: str, what: str) -> int:
     if full[: len(tokens)] != tokens:
-        raise ValueError(
+        raise DataError(
             f"tokenizer: the chat template is not prefix-stable on {where}: {what} renders to tokens that are not "
             "a prefix of the whole conversation's, so the assistant tokens cannot be located from token "
             "boundaries; use a template that renders earlier turns the same whatever follows"

@@ -16,13 +16,14 @@ import torch
 
 from prolong_lit.constants import IGNORE_INDEX
 from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK, PackedBatch
+from prolong_lit.errors import DataError
 
 
 def _check_sample(sample: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     input_ids = np.asarray(sample[INPUT_IDS])
     doc_lengths = np.asarray(sample[DOC_LENGTHS], dtype=np.int64)
     if doc_lengths.size == 0 or doc_lengths.min() < 1 or int(doc_lengths.sum()) != input_ids.shape[0]:
-        raise ValueError(
+        raise DataError(
             f"data.data_dir: a sample's doc_lengths {doc_lengths.tolist()} must be positive and sum to its "
             f"{input_ids.shape[0]} tokens; the prepared data is corrupt, run `prepare` again"
         )
@@ -78,7 +79,7 @@ def collate_samples(
         raise ValueError("collate_samples needs at least one sample")
     lengths = {len(s[INPUT_IDS]) for s in samples}
     if len(lengths) != 1:
-        raise ValueError(f"data.data_dir: rows of one micro-batch have different lengths {sorted(lengths)}")
+        raise DataError(f"data.data_dir: rows of one micro-batch have different lengths {sorted(lengths)}")
     rows = [_check_sample(s) for s in samples]
     input_ids = torch.from_numpy(np.stack([ids.astype(np.int64) for ids, _ in rows]))  # (B, L)
     labels = torch.from_numpy(np.stack([sample_labels(s) for s in samples]))  # (B, L)

@@ -20,9 +20,12 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from prolong_lit.data.balance import assign_step, identity_assignment, row_cost
 from prolong_lit.data.collate import collate_samples, sample_loss_tokens
-from prolong_lit.data.format import LOSS_MASK, Manifest, PackedBatch
+from prolong_lit.data.format import DOC_LENGTHS, LOSS_MASK, Manifest, PackedBatch
 from prolong_lit.data.mixture import BLOCK_SIZE, MixturePlan, StreamLayout, block_counts
+from prolong_lit.data.verify import check_prepared_dir, verify_domain
+from prolong_lit.errors import CheckpointError, ConfigError, MissingPathError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def count_items(domain_dir: Path) -> int:
     size: litdata's `len()` divides by the ranks it detects, its `ds[i]` does not)."""
     index = domain_dir / "index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"data.data_dir: {str(domain_dir)!r} holds no index.json; run `prepare` again")
+        raise MissingPathError(f"data.data_dir: {str(domain_dir)!r} holds no index.json; run `prepare` again")
     return sum(int(chunk["chunk_size"]) for chunk in json.loads(index.read_text())["chunks"])
 
 
@@ -62,27 +65,51 @@ class MixtureTrainStream(IterableDataset):
 
     With a DataLoader of `num_workers` = nw and batch_size=None, worker w builds micro-batches m = w, w+nw, ...;
     the DataLoader hands them out round-robin in order, so the sequence is the same as with no workers.
-    Rank and world size are plain arguments: any rank's stream can be built in any process.
+    Rank and world size are plain arguments: any rank's stream can be built in any process. With `balance`,
+    the rows of each optimizer step are dealt to (micro-batch, rank) by their attention cost (data/balance.py).
     """
 
-    def __init__(self, plan: MixturePlan, reader: DomainReader, layout: StreamLayout, rank: int) -> None:
+    def __init__(
+        self, plan: MixturePlan, reader: DomainReader, layout: StreamLayout, rank: int, balance: bool = False
+    ) -> None:
         super().__init__()
         if not 0 <= rank < layout.world_size:
             raise ValueError(f"rank {rank} outside the data-parallel world of {layout.world_size}")
-        self.plan, self.reader, self.layout, self.rank = plan, reader, layout, rank
-        self._step_cache: tuple[int, int] | None = None  # (step, its loss tokens), per worker
+        self.plan, self.reader, self.layout, self.rank, self.balance = plan, reader, layout, rank, balance
+        # (step, its loss tokens, its global indices as (slot, rank, row)), per worker
+        self._step_cache: tuple[int, int, np.ndarray] | None = None
+
+    def _step(self, step: int) -> tuple[int, np.ndarray]:
+        """(loss tokens of every sample of the step on all ranks, the step's indices dealt to (slot, rank, row)),
+        from one read of the step's samples in the pure stream."""
+        if self._step_cache is None or self._step_cache[0] != step:
+            indices = self.layout.step_indices(step)
+            domains, items = self.plan.lookup(indices)
+            samples = [self.reader.read(d, i) for d, i in zip(domains, items)]
+            total = sum(sample_loss_tokens(sample) for sample in samples)
+            grid = (self.layout.step_slots(step), self.layout.world_size, self.layout.micro_batch_size)
+            if self.balance:
+                positions = assign_step([row_cost(sample[DOC_LENGTHS]) for sample in samples], *grid)
+            else:
+                positions = identity_assignment(*grid)
+            self._step_cache = (step, total, indices[positions])
+        return self._step_cache[1], self._step_cache[2]
 
     def step_loss_tokens(self, step: int) -> int:
         """Loss tokens of every sample of an optimizer step on all ranks, read from the pure stream."""
-        if self._step_cache is None or self._step_cache[0] != step:
-            domains, items = self.plan.lookup(self.layout.step_indices(step))
-            total = sum(sample_loss_tokens(self.reader.read(d, i)) for d, i in zip(domains, items))
-            self._step_cache = (step, total)
-        return self._step_cache[1]
+        return self._step(step)[0]
+
+    def step_rows(self, step: int) -> np.ndarray:
+        """Global indices of the rows of optimizer step `step` on all ranks, as (micro-batch slot, rank, row)."""
+        return self._step(step)[1]  # (slots, W, mb)
+
+    def micro_batch_indices(self, m: int) -> np.ndarray:
+        """Global indices of this rank's m-th micro-batch (the layout's, or the balanced deal of its step)."""
+        return self.step_rows(self.layout.step_of(m))[self.layout.slot_of(m), self.rank]  # (mb,)
 
     def micro_batch(self, m: int) -> PackedBatch:
         """This rank's m-th micro-batch since the run (re)started."""
-        indices = self.layout.micro_batch_indices(m, self.rank)
+        indices = self.micro_batch_indices(m)
         domains, items = self.plan.lookup(indices)
         samples = [self.reader.read(d, i) for d, i in zip(domains, items)]
         step_tokens = self.step_loss_tokens(self.layout.step_of(m))
@@ -146,6 +173,9 @@ class MixtureDataModule(L.LightningDataModule):
         seed: seed of the sample order (the order is a pure function of seed and global sample index).
         num_workers: dataloader worker processes per rank (0 reads in the training process).
         val_batch_size: rows per validation batch; defaults to micro_batch_size.
+        balance_micro_batches: deal the rows of every optimizer step to (micro-batch, rank) so that the ranks'
+            attention costs (Σ doc_len² per row) are even in each micro-batch (data/balance.py); the rows of each
+            step, hence its loss and gradients, are the same. A no-op with one rank and one row per micro-batch.
     """
 
     def __init__(
@@ -158,13 +188,14 @@ class MixtureDataModule(L.LightningDataModule):
         seed: int = 42,
         num_workers: int = 1,
         val_batch_size: int | None = None,
+        balance_micro_batches: bool = False,
     ) -> None:
         super().__init__()
         if not weights:
-            raise ValueError("data.weights: give at least one domain and its weight")
+            raise ConfigError("data.weights: give at least one domain and its weight")
         for name, weight in weights.items():
             if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-                raise ValueError(
+                raise ConfigError(
                     f"data.weights: the weight of domain {name!r} must be a positive number, got {weight!r}"
                 )
         for setting, value, low in [
@@ -175,9 +206,9 @@ class MixtureDataModule(L.LightningDataModule):
             ("data.val_batch_size", 1 if val_batch_size is None else val_batch_size, 1),
         ]:
             if not isinstance(value, int) or value < low:
-                raise ValueError(f"{setting} must be an integer >= {low}, got {value!r}")
+                raise ConfigError(f"{setting} must be an integer >= {low}, got {value!r}")
         if not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ValueError(f"data.seed must be an integer in [0, 2**32), got {seed!r}")
+            raise ConfigError(f"data.seed must be an integer in [0, 2**32), got {seed!r}")
         self.data_dir = data_dir
         self.domains = sorted(weights)
         total = float(sum(weights.values()))
@@ -188,6 +219,9 @@ class MixtureDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.val_batch_size = val_batch_size or micro_batch_size
+        if not isinstance(balance_micro_batches, bool):
+            raise ConfigError(f"data.balance_micro_batches must be true or false, got {balance_micro_batches!r}")
+        self.balance_micro_batches = balance_micro_batches
         self.manifest: Manifest | None = None
         self.plan: MixturePlan | None = None
         self.reader: DomainReader | None = None
@@ -207,31 +241,32 @@ class MixtureDataModule(L.LightningDataModule):
         both = f"(data.weights names {sorted(self.weights)}; {self.data_dir!r} holds {sorted(manifest.domains)})"
         for name in self.domains:
             if name not in manifest.domains:
-                raise ValueError(f"data.weights: domain {name!r} is not in {self.data_dir!r} {both}")
+                raise ConfigError(f"data.weights: domain {name!r} is not in {self.data_dir!r} {both}")
         for name in sorted(manifest.domains):
             if name not in self.weights:
-                raise ValueError(f"data.weights: domain {name!r} of {self.data_dir!r} has no weight {both}")
+                raise ConfigError(f"data.weights: domain {name!r} of {self.data_dir!r} has no weight {both}")
         if manifest.seq_len != self.seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len ({self.seq_len}) must equal the seq_len the data was prepared with "
                 f"({manifest.seq_len}, data.data_dir {self.data_dir!r})"
             )
         for name in self.domains:
             samples = manifest.domains[name].samples
             if samples < self.val_samples_per_domain + 1:
-                raise ValueError(
+                raise ConfigError(
                     f"data.val_samples_per_domain ({self.val_samples_per_domain}) leaves no training item in "
                     f"domain {name!r}, which has {samples} samples"
                 )
-            on_disk = count_items(Path(self.data_dir) / name)
+            # every chunk file's size and header, before litdata opens one (a truncated chunk hangs its reader)
+            on_disk = verify_domain(Path(self.data_dir) / name)
             if on_disk != samples:
-                raise ValueError(
+                raise ConfigError(
                     f"data.data_dir: manifest.json says domain {name!r} has {samples} samples but its index.json "
                     f"holds {on_disk}; run `prepare` again"
                 )
         for name, count in zip(self.domains, block_counts(list(self.weights.values()))):
             if count == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"data.weights: domain {name!r} (weight {self.weights[name]:.2g}) gets no sample in a block of "
                     f"{BLOCK_SIZE}; raise its weight to at least {1 / BLOCK_SIZE} or drop the domain"
                 )
@@ -242,8 +277,7 @@ class MixtureDataModule(L.LightningDataModule):
         Runs on every rank after the process group exists (Lightning calls it from the Trainer)."""
         if self.plan is not None:
             return
-        if not Path(self.data_dir).is_dir():
-            raise FileNotFoundError(f"data.data_dir: {self.data_dir!r} is not a directory")
+        check_prepared_dir(self.data_dir)  # a directory, a finished prepare's (not a killed one's), a manifest
         manifest = Manifest.read(self.data_dir, setting="data.data_dir")
         self._validate(manifest)
         self.manifest = manifest
@@ -253,6 +287,10 @@ class MixtureDataModule(L.LightningDataModule):
         if self._data_parallel_rank_and_size()[0] == 0:
             shares = ", ".join(f"{d} {w:.3f} ({train_items[d]} train items)" for d, w in self.weights.items())
             logger.info("Mixture of %d domains at seq_len %d: %s", len(self.domains), self.seq_len, shares)
+            for name in (d for d in self.domains if train_items[d] < self.micro_batch_size):
+                logger.warning("data.micro_batch_size (%d) is larger than domain %r's %d training rows: a "
+                               "micro-batch can hold the same row more than once (prepare more data for it, or lower "
+                               "data.micro_batch_size)", self.micro_batch_size, name, train_items[name])
 
     # ---- what the trainer says ----------------------------------------------------------------------------
 
@@ -283,7 +321,7 @@ class MixtureDataModule(L.LightningDataModule):
         if self.plan is None:
             self.setup("fit")
         layout = StreamLayout(self._start_sample, self.micro_batch_size, accumulate, world_size, phase)
-        return MixtureTrainStream(self.plan, self.reader, layout, rank)
+        return MixtureTrainStream(self.plan, self.reader, layout, rank, balance=self.balance_micro_batches)
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._data_parallel_rank_and_size()
@@ -293,12 +331,14 @@ class MixtureDataModule(L.LightningDataModule):
         self._start_step = self.trainer.global_step if self.trainer is not None else 0
         if rank == 0:
             logger.info(
-                "Training stream starts at sample %d: %d samples per optimizer step (%d x %d accumulation x %d ranks)",
+                "Training stream starts at sample %d: %d samples per optimizer step (%d x %d accumulation x %d "
+                "ranks)%s",
                 self._start_sample,
                 stream.layout.samples_per_step,
                 self.micro_batch_size,
                 accumulate,
                 world_size,
+                ", micro-batches balanced by attention cost" if self.balance_micro_batches else "",
             )
         return self._loader(stream)
 
@@ -370,13 +410,13 @@ class MixtureDataModule(L.LightningDataModule):
         ]
         for setting, key in checks:
             if state_dict.get(key) != mine[key]:
-                raise ValueError(
+                raise CheckpointError(
                     f"{setting}: this run's {key} {mine[key]!r} differs from the checkpoint's {state_dict.get(key)!r}; "
                     f"a resumed run must read the same data stream (restore the setting, or start a new run)"
                 )
         theirs = state_dict["weights"]
         if any(not math.isclose(theirs[d], mine["weights"][d], rel_tol=1e-9) for d in self.domains):
-            raise ValueError(
+            raise CheckpointError(
                 f"data.weights: this run's normalised weights {mine['weights']} differ from the checkpoint's {theirs}; "
                 f"a resumed run must read the same data stream (restore the weights, or start a new run)"
             )

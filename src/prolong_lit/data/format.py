@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from prolong_lit.errors import MissingPathError
+
 MANIFEST_NAME = "manifest.json"
 INPUT_IDS = "input_ids"
 DOC_LENGTHS = "doc_lengths"
@@ -57,7 +59,7 @@ class Manifest:
     def read(cls, data_dir: str | Path, setting: str = "data.data_dir") -> Manifest:
         path = Path(data_dir) / MANIFEST_NAME
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{setting}: {str(data_dir)!r} holds no {MANIFEST_NAME}; build it with `python -m prolong_lit prepare`"
             )
         raw = json.loads(path.read_text())

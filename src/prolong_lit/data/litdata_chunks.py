@@ -76,10 +76,15 @@ def write_chunk(path: Path, items: Sequence[Sequence[np.ndarray]]) -> tuple[int,
         raise ValueError(f"{path}: a chunk of {int(ends[-1])} bytes does not fit litdata's uint32 offsets")
     header = np.concatenate([[len(items), header_bytes], ends]).astype(np.uint32)
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for buffer in _buffers(header, sizes, items):
-            f.write(buffer)
-            digest.update(buffer)
+    try:
+        with open(path, "wb") as f:
+            for buffer in _buffers(header, sizes, items):
+                f.write(buffer)
+                digest.update(buffer)
+    except OSError as err:  # a failed write names no file: name it (a new error, so it survives a worker's pickling)
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err
     return int(ends[-1]), digest.digest()
 
 
@@ -103,4 +108,8 @@ def write_index(out: Path, chunks: Sequence[tuple[str, int, int, bytes]], config
         "config": config,
         "updated_at": digest.hexdigest()[:32],
     }
-    (out / "index.json").write_text(json.dumps(index, sort_keys=True))
+    path = out / "index.json"
+    try:
+        path.write_text(json.dumps(index, sort_keys=True))
+    except OSError as err:  # a failed write names no file
+        raise OSError(err.errno, err.strerror, str(path)) from err

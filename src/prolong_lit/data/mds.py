@@ -37,6 +37,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from prolong_lit.errors import DataError
+
 INDEX_NAME = "index.json"
 VALUE_DTYPES = {8: "uint8", 9: "int8", 16: "uint16", 17: "int16", 18: "float16", 32: "uint32", 33: "int32",
                 34: "float32", 64: "uint64", 65: "int64", 66: "float64"}
@@ -75,32 +77,32 @@ def read_index(path: str | Path, setting: str) -> list[Shard]:
     `setting` names the configuration entry in errors (e.g. `domains.books.sources[0].path`)."""
     index_path = Path(path) / INDEX_NAME
     if not index_path.is_file():
-        raise FileNotFoundError(
+        raise DataError(
             f"{setting}: {str(path)!r} holds no {INDEX_NAME}; point it at an MDS dataset folder (one with "
             f"{INDEX_NAME}; for sub-folders procNN-MM without a root index, merge them with streaming's merge_index)"
         )
     try:
         index = json.loads(index_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{setting}: {index_path} is not valid JSON ({err})") from err
+        raise DataError(f"{setting}: {index_path} is not valid JSON ({err})") from err
     if not isinstance(index, dict) or index.get("version") != 2 or not isinstance(index.get("shards"), list):
-        raise ValueError(f"{setting}: {index_path} is not an MDS index (version 2 with a list of shards)")
+        raise DataError(f"{setting}: {index_path} is not an MDS index (version 2 with a list of shards)")
     return [_shard(Path(path), entry, f"{setting}: {index_path} shard {i}") for i, entry in enumerate(index["shards"])]
 
 
 def _shard(root: Path, entry: Any, where: str) -> Shard:
     try:
         if entry["format"] != "mds":
-            raise ValueError(f"{where}: format {entry['format']!r} is not mds")
+            raise DataError(f"{where}: format {entry['format']!r} is not mds")
         compression = entry.get("compression") or None
         if compression is not None and compression.split(":")[0] not in COMPRESSIONS:
-            raise ValueError(f"{where}: compression {compression!r} is not supported (read: {', '.join(COMPRESSIONS)})")
+            raise DataError(f"{where}: compression {compression!r} is not supported (read: {', '.join(COMPRESSIONS)})")
         zip_data = entry.get("zip_data") if compression else None
         if compression and not zip_data:
-            raise ValueError(f"{where}: compressed with {compression} but has no zip_data")
+            raise DataError(f"{where}: compressed with {compression} but has no zip_data")
         names, encodings, sizes = entry["column_names"], entry["column_encodings"], entry["column_sizes"]
         if not len(names) == len(encodings) == len(sizes):
-            raise ValueError(f"{where}: column_names, column_encodings and column_sizes differ in length")
+            raise DataError(f"{where}: column_names, column_encodings and column_sizes differ in length")
         return Shard(
             root=root, basename=entry["raw_data"]["basename"], raw_bytes=int(entry["raw_data"]["bytes"]),
             samples=int(entry["samples"]), column_names=tuple(names), column_encodings=tuple(encodings),
@@ -109,7 +111,7 @@ def _shard(root: Path, entry: Any, where: str) -> Shard:
             zip_bytes=int(zip_data["bytes"]) if zip_data else None,
         )
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{where}: not an MDS shard entry (missing or malformed {err})") from err
+        raise DataError(f"{where}: not an MDS shard entry (missing or malformed {err})") from err
 
 
 def _open_decompressed(shard: Shard, data: bytes | None = None) -> BinaryIO:
@@ -132,10 +134,10 @@ def check_shard(shard: Shard, setting: str) -> None:
     header (sample count, offsets) agrees with the index. Decompresses only the header of a compressed shard."""
     where = f"{setting}: {shard.path}"
     if not shard.path.is_file():
-        raise FileNotFoundError(f"{where}: shard file listed in {shard.root / INDEX_NAME} does not exist")
+        raise DataError(f"{where}: shard file listed in {shard.root / INDEX_NAME} does not exist")
     expected = shard.zip_bytes if shard.compression else shard.raw_bytes
     if shard.path.stat().st_size != expected:
-        raise ValueError(
+        raise DataError(
             f"{where}: the file has {shard.path.stat().st_size} bytes, the index says {expected} "
             "(truncated or replaced; download it again)"
         )
@@ -149,15 +151,15 @@ def check_shard(shard: Shard, setting: str) -> None:
 def _offsets(data: bytes, shard: Shard, where: str) -> np.ndarray:
     """The n + 1 sample offsets of a shard's header, checked against the index."""
     if len(data) < 4:
-        raise ValueError(f"{where}: shorter than its header (truncated)")
+        raise DataError(f"{where}: shorter than its header (truncated)")
     n = int(np.frombuffer(data, np.uint32, count=1)[0])
     if n != shard.samples:
-        raise ValueError(f"{where}: the header counts {n} samples, the index {shard.samples}")
+        raise DataError(f"{where}: the header counts {n} samples, the index {shard.samples}")
     if len(data) < 4 * (n + 2):
-        raise ValueError(f"{where}: shorter than its header of {n} samples (truncated)")
+        raise DataError(f"{where}: shorter than its header of {n} samples (truncated)")
     offsets = np.frombuffer(data, np.uint32, count=n + 1, offset=4).astype(np.int64)
     if offsets[0] < 4 * (n + 2) or (np.diff(offsets) < 0).any() or offsets[-1] != shard.raw_bytes:
-        raise ValueError(
+        raise DataError(
             f"{where}: corrupt header (sample offsets {offsets[:3].tolist()}... end at {offsets[-1]}, the index "
             f"says {shard.raw_bytes} bytes)"
         )
@@ -168,18 +170,18 @@ def read_shard(shard: Shard, setting: str) -> tuple[bytes, np.ndarray]:
     """The whole uncompressed shard and its n + 1 sample offsets, sizes and header checked."""
     where = f"{setting}: {shard.path}"
     if not shard.path.is_file():
-        raise FileNotFoundError(f"{where}: shard file listed in {shard.root / INDEX_NAME} does not exist")
+        raise DataError(f"{where}: shard file listed in {shard.root / INDEX_NAME} does not exist")
     data = shard.path.read_bytes()
     if shard.compression:
         if len(data) != shard.zip_bytes:
-            raise ValueError(f"{where}: the file has {len(data)} bytes, the index says {shard.zip_bytes} (truncated?)")
+            raise DataError(f"{where}: the file has {len(data)} bytes, the index says {shard.zip_bytes} (truncated?)")
         try:
             with _open_decompressed(shard, data) as f:
                 data = f.read()
         except Exception as err:  # each library raises its own error type for a corrupt stream
-            raise ValueError(f"{where}: does not decompress as {shard.compression} ({err})") from err
+            raise DataError(f"{where}: does not decompress as {shard.compression} ({err})") from err
     if len(data) != shard.raw_bytes:
-        raise ValueError(f"{where}: {len(data)} bytes (uncompressed), the index says {shard.raw_bytes} (truncated?)")
+        raise DataError(f"{where}: {len(data)} bytes (uncompressed), the index says {shard.raw_bytes} (truncated?)")
     return data, _offsets(data, shard, where)
 
 
@@ -217,7 +219,7 @@ def _ndarray(buf: bytes, a: int, b: int, dtype: str | None, shape: tuple[int, ..
     if dtype is None:
         code = buf[a]
         if code not in VALUE_DTYPES:
-            raise ValueError(f"unknown ndarray dtype code {code}")
+            raise DataError(f"unknown ndarray dtype code {code}")
         dtype, a = VALUE_DTYPES[code], a + 1
     if shape is None:
         ndim, shape_code = buf[a] >> 2, buf[a] & 3
@@ -226,7 +228,7 @@ def _ndarray(buf: bytes, a: int, b: int, dtype: str | None, shape: tuple[int, ..
         a += 1 + ndim * shape_dtype.itemsize
     count = int(np.prod(shape))
     if a + count * np.dtype(dtype).itemsize != b:
-        raise ValueError(f"an ndarray of shape {shape} ({dtype}) needs {count * np.dtype(dtype).itemsize} bytes, "
+        raise DataError(f"an ndarray of shape {shape} ({dtype}) needs {count * np.dtype(dtype).itemsize} bytes, "
                          f"its value holds {b - a}")
     return np.frombuffer(buf, dtype, count=count, offset=a).reshape(shape)
 
@@ -237,13 +239,13 @@ def check_columns(shard: Shard, columns: Sequence[str], setting: str) -> None:
         if name not in columns:
             continue
         if decoder(encoding) is None:
-            raise ValueError(
+            raise DataError(
                 f"{setting}: {shard.path}: column {name!r} has encoding {encoding!r}, which is not read here "
                 "(read: bytes, str, int, uint8-64, int8-64, float16-64, json, ndarray[:dtype[:shape]]; pkl is "
                 "refused because unpickling runs arbitrary code)"
             )
         if size != fixed_size(encoding):
-            raise ValueError(f"{setting}: {shard.path}: column {name!r} ({encoding}) has size {size} in the index, "
+            raise DataError(f"{setting}: {shard.path}: column {name!r} ({encoding}) has size {size} in the index, "
                              f"the encoding's is {fixed_size(encoding)}")
 
 
@@ -261,17 +263,17 @@ def iter_samples(shard: Shard, columns: Sequence[str], setting: str) -> Iterator
         sizes = list(shard.column_sizes)
         head = start + 4 * len(variable)
         if head > end:
-            raise ValueError(f"{where}: shorter than its column sizes (corrupt shard)")
+            raise DataError(f"{where}: shorter than its column sizes (corrupt shard)")
         for i, size in zip(variable, np.frombuffer(data, np.uint32, count=len(variable), offset=start)):
             sizes[i] = int(size)
         bounds = np.concatenate([[head], head + np.cumsum(sizes)])
         if bounds[-1] != end:
-            raise ValueError(f"{where}: its columns take {bounds[-1] - head} bytes, the sample {end - head}")
+            raise DataError(f"{where}: its columns take {bounds[-1] - head} bytes, the sample {end - head}")
         sample = {}
         for i, decode in wanted:
             try:
                 sample[shard.column_names[i]] = decode(data, int(bounds[i]), int(bounds[i + 1]))
             except (ValueError, KeyError, IndexError, UnicodeDecodeError) as err:
-                raise ValueError(f"{where}: column {shard.column_names[i]!r} does not decode "
+                raise DataError(f"{where}: column {shard.column_names[i]!r} does not decode "
                                  f"as {shard.column_encodings[i]} ({err})") from err
         yield k, sample

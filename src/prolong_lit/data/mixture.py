@@ -135,6 +135,8 @@ class StreamLayout:
     micro-batches per rank; `phase` micro-batches of the first step were already accumulated by the trainer
     before a resume (Lightning keeps counting batches, so after a resume with a different
     accumulate_grad_batches its first step is short). With phase 0, step s covers [start + s*S, start + (s+1)*S).
+    With balanced micro-batches (data/balance.py) each step covers the same indices, dealt anew to its
+    (micro-batch, rank) slots.
 
     Args:
         start: global index of this run's first sample (the consumed samples restored from a checkpoint).
@@ -160,12 +162,22 @@ class StreamLayout:
         return self.micro_batch_size * self.world_size
 
     def micro_batch_indices(self, m: int, rank: int) -> np.ndarray:
+        """Rank `rank`'s m-th micro-batch without balancing. Balanced runs deal the same step's indices anew
+        (data/balance.py): step_indices(step)[assign_step(...)[slot_of(m), rank]]."""
         first = self.start + m * self.samples_per_micro_step + rank * self.micro_batch_size
         return np.arange(first, first + self.micro_batch_size, dtype=np.int64)  # (mb,)
 
     def step_of(self, m: int) -> int:
         """Index (since this run started) of the optimizer step that micro-batch m belongs to."""
         return (m + self.phase) // self.accumulate
+
+    def step_slots(self, step: int) -> int:
+        """Micro-batches of optimizer step `step` on each rank (A, or A - phase for the first step)."""
+        return (step + 1) * self.accumulate - self.phase - max(0, step * self.accumulate - self.phase)
+
+    def slot_of(self, m: int) -> int:
+        """Position of micro-batch m within its optimizer step: 0 .. step_slots(step_of(m)) - 1."""
+        return m - max(0, self.step_of(m) * self.accumulate - self.phase)
 
     def step_indices(self, step: int) -> np.ndarray:
         """The global indices of every sample of an optimizer step, over all ranks and micro-batches."""

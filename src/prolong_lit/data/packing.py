@@ -18,7 +18,7 @@ file, one span per document piece, whose lengths sum to `seq_len`. Four modes, a
   must be at most `seq_len` tokens (longer ones are dropped before planning). The final partial sample is
   dropped.
 
-`SampleBuilder` turns a planned sample into the stored dict (see `format.py`); `litdata.optimize` calls it.
+`SampleBuilder` turns a planned sample into the stored dict (see `format.py`); `write.write_domain` calls it.
 A per-token loss mask (for chat data) rides along in a parallel uint8 file when any document has one.
 """
 
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from prolong_lit.data.format import DOC_LENGTHS, INPUT_IDS, LOSS_MASK
+from prolong_lit.errors import ConfigError
 
 if TYPE_CHECKING:
     from prolong_lit.data.prepare import DomainConfig
@@ -217,31 +218,31 @@ def check_lengths(setting: str, domain: DomainConfig, seq_len: int) -> None:
     min_length and max_length fit its mode and seq_len."""
     if domain.mode == "slice_pack":
         if domain.slice_length is None:
-            raise ValueError(f"{setting}.slice_length: mode slice_pack needs a slice length (e.g. 65536)")
+            raise ConfigError(f"{setting}.slice_length: mode slice_pack needs a slice length (e.g. 65536)")
         if domain.slice_length < 1 or seq_len % domain.slice_length:
-            raise ValueError(
+            raise ConfigError(
                 f"{setting}.slice_length ({domain.slice_length}): seq_len ({seq_len}) must be a multiple of it, "
                 "so that every sample holds seq_len / slice_length whole slices"
             )
     elif domain.slice_length is not None:
-        raise ValueError(f"{setting}.slice_length: only mode slice_pack reads it (mode is {domain.mode})")
+        raise ConfigError(f"{setting}.slice_length: only mode slice_pack reads it (mode is {domain.mode})")
     for key in ("min_length", "max_length"):
         if getattr(domain, key) is not None and getattr(domain, key) < 1:
-            raise ValueError(f"{setting}.{key}: must be >= 1 (got {getattr(domain, key)})")
+            raise ConfigError(f"{setting}.{key}: must be >= 1 (got {getattr(domain, key)})")
     needed = {"slice": ("seq_len", seq_len), "slice_pack": ("slice_length", domain.slice_length)}.get(domain.mode)
     if needed and domain.min_length is not None and domain.min_length < needed[1]:
-        raise ValueError(
+        raise ConfigError(
             f"{setting}.min_length ({domain.min_length}) must be >= {needed[0]} ({needed[1]}) in {domain.mode} "
             "mode: a shorter document gives no slice (use mode: concat to pack short documents)"
         )
     if domain.mode == "sft" and domain.max_length is not None and domain.max_length > seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"{setting}.max_length ({domain.max_length}) must be <= seq_len ({seq_len}) in sft mode: a longer "
             "conversation fits no sample"
         )
     shortest, longest = length_limits(domain, seq_len)
     if longest is not None and longest < shortest:
-        raise ValueError(
+        raise ConfigError(
             f"{setting}.max_length ({longest}) is below the minimum length ({shortest}): no document would be kept"
         )
 
@@ -261,7 +262,7 @@ def max_token_id(plan: Sequence[np.ndarray], tokens: np.ndarray) -> int:
 
 
 class SampleBuilder:
-    """Builds a stored sample from its planned spans; picklable, so `litdata.optimize` workers can call it.
+    """Builds a stored sample from its planned spans (picklable, so a worker process could call it).
 
     Args:
         tokens_path: the `TokenStore` token file.

@@ -6,7 +6,7 @@ Every setting is checked (sources exist and hold documents, the tokenizer loads,
 before any work. Documents are tokenized in a process pool (ordered, so the result does not depend on the
 number of workers), filtered by length, stored in scratch token files beside the output, planned into
 samples (see `packing.py`), and only then written: the old output (with --overwrite) is removed, each domain is
-written by `litdata.optimize` with ONE ordered worker, and `manifest.json` comes last. The same input and
+written by litdata's writer in this process, in order (write.py), and `manifest.json` comes last. The same input and
 settings give the same bytes in every output file. Chat sources (mode sft) are rendered with the tokenizer's
 chat template and carry a loss mask on the assistant tokens (see `chat.py`; none with `loss_on: all`).
 """
@@ -14,9 +14,10 @@ chat template and carry a loss mask on the assistant tokens (see `chat.py`; none
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
-import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,7 +38,9 @@ from prolong_lit.data.packing import (
 from prolong_lit.data.pool import ordered_map
 from prolong_lit.data.rows import MDS_SOURCE, ROWS_MODE, RowStore, build_rows_domain, check_rows_domain
 from prolong_lit.data.sources import CHAT_SOURCE_TYPES, Conversation, SourceConfig, iter_documents, validate_source
-from prolong_lit.data.write import write_domain
+from prolong_lit.data.verify import INCOMPLETE_MARKER
+from prolong_lit.data.write import disk_errors, scratch_folder, write_domain
+from prolong_lit.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -46,9 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LLAMA3_EOS = "<|end_of_text|>"
-# Written into output_dir while domains are being written, removed when the manifest is: a directory holding it
-# (or a manifest) is ours to replace with --overwrite.
-INCOMPLETE_MARKER = ".prepare-incomplete"
+# INCOMPLETE_MARKER (verify.py): written into output_dir while domains are being written, removed once the
+# manifest is: a directory holding it (or a manifest) is ours to replace with --overwrite.
 BATCH_DOCS = 64  # documents per tokenization task
 BATCH_CHARS = 4_000_000  # ... or fewer, when they are long (whole repositories)
 
@@ -133,44 +135,64 @@ class _Built:
 
 
 def prepare(config: PrepareConfig, overwrite: bool = False) -> Manifest:
-    """Build the prepared data directory described by `config`; returns its manifest."""
+    """Build the prepared data directory described by `config`; returns its manifest.
+
+    Scratch files live in a fixed folder beside the output (`write.scratch_path`), removed at the end, on an
+    error, and by the next run when a kill left it. The output is marked incomplete (INCOMPLETE_MARKER) while it
+    is written: a failure removes it, a kill leaves it marked, and neither `fit` nor a rerun without --overwrite
+    takes it for data. A full or read-only disk is an error naming the file, not a library's traceback."""
     tokenizer, eos_id = validate(config, overwrite)
     out = Path(config.output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as scratch:
-        built = {name: _build_domain(name, config, tokenizer, eos_id, Path(scratch)) for name in sorted(config.domains)}
-        if out.exists():  # validate() allowed it: --overwrite, and it is a prepared directory
-            shutil.rmtree(out)
-        out.mkdir()
-        (out / INCOMPLETE_MARKER).touch()
-        for name, domain in built.items():
-            if isinstance(domain.store, RowStore):  # mode rows: written already, in the scratch folder
-                domain.store.directory.rename(out / name)
-            else:
-                write_domain(domain.store, domain.plan, config.seq_len, out / name, config.chunk_bytes)
+    with disk_errors(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with scratch_folder(out) as scratch:
+        with disk_errors(scratch):  # the token files, a rows domain's chunks
+            built = {name: _build_domain(name, config, tokenizer, eos_id, scratch) for name in sorted(config.domains)}
         manifest = Manifest(
             tokenizer=config.tokenizer,
             vocab_size=len(tokenizer),
             seq_len=config.seq_len,
             domains={name: domain.stats for name, domain in built.items()},
         )
-        (out / INCOMPLETE_MARKER).unlink()
-        manifest.write(out)
+        _write_output(out, built, config)
+        with disk_errors(out):
+            manifest.write(out)
+            (out / INCOMPLETE_MARKER).unlink()
     log.info("prepared %s: %s", out, {n: (d.samples, d.tokens) for n, d in manifest.domains.items()})
     return manifest
+
+
+def _write_output(out: Path, built: dict[str, _Built], config: PrepareConfig) -> None:
+    """Replace `out` (validate() allowed it: --overwrite and ours) by the built domains, marked incomplete until
+    the manifest is written; on a failure the partial output goes (it would only fill the disk)."""
+    with disk_errors(out):
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir()
+        (out / INCOMPLETE_MARKER).touch()
+    try:
+        for name, domain in built.items():
+            with disk_errors(out / name):
+                if isinstance(domain.store, RowStore):  # mode rows: written already, in the scratch folder
+                    domain.store.directory.rename(out / name)
+                else:
+                    write_domain(domain.store, domain.plan, config.seq_len, out / name, config.chunk_bytes)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def validate(config: PrepareConfig, overwrite: bool = False) -> tuple[PreTrainedTokenizerBase, int | None]:
     """Check every setting before any work; returns (tokenizer, eos id or None)."""
     _check_output_dir(Path(config.output_dir), overwrite)
     if config.seq_len <= 0:
-        raise ValueError(f"seq_len: must be a positive number of tokens (got {config.seq_len})")
+        raise ConfigError(f"seq_len: must be a positive number of tokens (got {config.seq_len})")
     if config.num_workers < 0:
-        raise ValueError(f"num_workers: must be >= 0 (got {config.num_workers})")
+        raise ConfigError(f"num_workers: must be >= 0 (got {config.num_workers})")
     if not re.fullmatch(r"\d+(\.\d+)?\s*([kmgt]b?|b)", config.chunk_bytes.strip().lower()):
-        raise ValueError(f"chunk_bytes: {config.chunk_bytes!r} is not a size like 64MB")
+        raise ConfigError(f"chunk_bytes: {config.chunk_bytes!r} is not a size like 64MB")
     if not config.domains:
-        raise ValueError("domains: no domain configured")
+        raise ConfigError("domains: no domain configured")
     for name, domain in config.domains.items():
         _check_domain(name, domain, config.seq_len)
     from prolong_lit.tokenizer import load_tokenizer
@@ -183,36 +205,59 @@ def validate(config: PrepareConfig, overwrite: bool = False) -> tuple[PreTrained
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
+    _check_writable(out)
     if not out.exists():
         return
+    if not overwrite and (out / INCOMPLETE_MARKER).exists():
+        raise DataError(f"output_dir: {str(out)!r} holds an incomplete preparation (a prepare that was interrupted "
+                        f"or failed left it: {INCOMPLETE_MARKER}); it is not usable data: pass "
+                        "--overwrite to prepare it again")
     if not overwrite:
-        raise FileExistsError(f"output_dir: {str(out)!r} already exists; pass --overwrite to replace it")
+        raise ConfigError(f"output_dir: {str(out)!r} already exists; pass --overwrite to replace it")
     ours = out.is_dir() and (
         not any(out.iterdir()) or (out / MANIFEST_NAME).exists() or (out / INCOMPLETE_MARKER).exists()
     )
     if not ours:
-        raise FileExistsError(
+        raise ConfigError(
             f"output_dir: {str(out)!r} exists and is not a prepared data directory (no {MANIFEST_NAME}); "
             "refusing to delete it even with --overwrite; remove it yourself or choose another output_dir"
         )
 
 
+def _check_writable(out: Path) -> None:
+    """The output's parent (or its nearest existing ancestor), where the output and the scratch folder are made
+    or replaced, accepts new files."""
+    existing = next(folder for folder in out.parents if folder.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "a read-only file system" if _read_only(existing) else "no write permission"
+        raise DataError(f"output_dir: cannot write {str(out)!r}: {existing} is not writable ({reason}); choose "
+                        "a writable output_dir")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _check_domain(name: str, domain: DomainConfig, seq_len: int) -> None:
     setting = f"domains.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name):
-        raise ValueError(f"{setting}: a domain name must be a plain directory name (letters, digits, _ . -)")
+        raise ConfigError(f"{setting}: a domain name must be a plain directory name (letters, digits, _ . -)")
     if domain.mode not in (*MODES, ROWS_MODE):
-        raise ValueError(f"{setting}.mode: unknown mode {domain.mode!r} (choose from {', '.join((*MODES, ROWS_MODE))})")
+        modes = ", ".join((*MODES, ROWS_MODE))
+        raise ConfigError(f"{setting}.mode: unknown mode {domain.mode!r} (choose from {modes})")
     if domain.mode == ROWS_MODE or any(source.type == MDS_SOURCE for source in domain.sources):
         return check_rows_domain(setting, domain, seq_len)  # stored rows: none of the checks below apply
     check_lengths(setting, domain, seq_len)
     if not domain.sources:
-        raise ValueError(f"{setting}.sources: no source configured")
+        raise ConfigError(f"{setting}.sources: no source configured")
     for i, source in enumerate(domain.sources):
         if domain.mode == "sft" and source.type not in CHAT_SOURCE_TYPES:
-            raise ValueError(f"{setting}.sources[{i}].type: mode sft reads chat sources only (got {source.type})")
+            raise ConfigError(f"{setting}.sources[{i}].type: mode sft reads chat sources only (got {source.type})")
         if domain.mode in ("slice", "slice_pack") and source.type in CHAT_SOURCE_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"{setting}.mode: a chat source (sources[{i}]) needs mode sft (or concat), not {domain.mode}"
             )
         validate_source(source, f"{setting}.sources[{i}]")
@@ -224,9 +269,9 @@ def _eos_id(tokenizer, config: PrepareConfig) -> int | None:
     vocab = tokenizer.get_vocab()
     token = config.eos_token or (LLAMA3_EOS if LLAMA3_EOS in vocab else tokenizer.eos_token)
     if token is None:
-        raise ValueError("eos_token: the tokenizer defines no eos_token; set eos_token, or append_eos: false")
+        raise ConfigError("eos_token: the tokenizer defines no eos_token; set eos_token, or append_eos: false")
     if token not in vocab:
-        raise ValueError(f"eos_token: {token!r} is not a token of tokenizer {config.tokenizer!r}")
+        raise ConfigError(f"eos_token: {token!r} is not a token of tokenizer {config.tokenizer!r}")
     return tokenizer.convert_tokens_to_ids(token)
 
 
@@ -291,8 +336,10 @@ def _build_domain(name: str, config: PrepareConfig, tokenizer, eos_id: int | Non
     min_length, max_length = length_limits(domain, config.seq_len)
     store = TokenStore(scratch, name)
     read = dropped = too_long = 0
+    decoding = Counter()  # undecodable bytes read as U+FFFD (sources with errors: replace)
     documents = (
-        doc for i, source in enumerate(domain.sources) for doc in iter_documents(source, f"domains.{name}.sources[{i}]")
+        doc for i, source in enumerate(domain.sources)
+        for doc in iter_documents(source, f"domains.{name}.sources[{i}]", decoding)
     )
     with tqdm(desc=f"tokenizing {name}", unit="doc", disable=None) as progress:
         for ids, mask in tokenize_documents(documents, tokenizer, eos_id, config.num_workers):
@@ -309,9 +356,12 @@ def _build_domain(name: str, config: PrepareConfig, tokenizer, eos_id: int | Non
     documents_stats = {"read": read, "kept": kept, "dropped_min_length": dropped}
     if max_length is not None:
         documents_stats["dropped_too_long"] = too_long
+    if any(source.errors == "replace" for source in domain.sources):
+        documents_stats.update(with_replaced_bytes=decoding["with_replaced_bytes"],
+                               replaced_bytes=decoding["replaced_bytes"])
     plan, dropped_tokens = plan_samples(domain.mode, store, config.seq_len, config.seed, name, domain.slice_length)
     if not plan:
-        raise ValueError(
+        raise ConfigError(
             f"domains.{name}: no sample of {config.seq_len} tokens (read {read} documents, kept {kept} of at least "
             f"{min_length}{f' and at most {max_length}' if max_length else ''} tokens, {store.num_tokens} tokens); "
             f"lower domains.{name}.min_length or seq_len, or add sources"

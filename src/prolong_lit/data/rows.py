@@ -42,6 +42,7 @@ from prolong_lit.data.format import DOC_LENGTHS, LOSS_MASK, DomainStats
 from prolong_lit.data.mds import SCALARS, Shard, check_columns, check_shard, iter_samples, read_index
 from prolong_lit.data.pool import ordered_map
 from prolong_lit.data.sources import LOSS_ON
+from prolong_lit.errors import ConfigError, DataError
 
 ROWS_MODE = "rows"
 MDS_SOURCE = "mds"
@@ -64,50 +65,50 @@ def check_rows_domain(setting: str, domain: Any, seq_len: int) -> None:
     (index entries, files, sizes, headers, the columns rows mode decodes). `domain` is a prepare.DomainConfig."""
     for i, source in enumerate(domain.sources):
         if domain.mode != ROWS_MODE and source.type == MDS_SOURCE:
-            raise ValueError(
+            raise ConfigError(
                 f"{setting}.sources[{i}].type: an mds source holds rows already tokenized and packed; it needs "
                 f"mode rows (got mode {domain.mode})"
             )
         if domain.mode == ROWS_MODE and source.type != MDS_SOURCE:
-            raise ValueError(f"{setting}.sources[{i}].type: mode rows reads mds sources only (got {source.type})")
+            raise ConfigError(f"{setting}.sources[{i}].type: mode rows reads mds sources only (got {source.type})")
         if source.loss_on not in LOSS_ON:
-            raise ValueError(f"{setting}.sources[{i}].loss_on: {source.loss_on!r} is not one of {', '.join(LOSS_ON)} "
+            raise ConfigError(f"{setting}.sources[{i}].loss_on: {source.loss_on!r} is not one of {', '.join(LOSS_ON)} "
                              "(assistant: the stored mask column, if any; all: every token of the spans trains)")
     for key in ("min_length", "max_length", "slice_length"):
         if getattr(domain, key, None) is not None:
-            raise ValueError(f"{setting}.{key}: mode rows keeps every stored row as it is; leave {key} unset")
+            raise ConfigError(f"{setting}.{key}: mode rows keeps every stored row as it is; leave {key} unset")
     if not domain.sources:
-        raise ValueError(f"{setting}.sources: no source configured")
+        raise ConfigError(f"{setting}.sources: no source configured")
     for i, source in enumerate(domain.sources):
         shards = _source_shards(source, f"{setting}.sources[{i}].path", seq_len)
         for shard in shards:
             check_shard(shard, f"{setting}.sources[{i}].path")
         if not sum(shard.samples for shard in shards):
-            raise ValueError(f"{setting}.sources[{i}]: the mds source at {source.path!r} holds no rows")
+            raise ConfigError(f"{setting}.sources[{i}]: the mds source at {source.path!r} holds no rows")
 
 
 def _source_shards(source: Any, setting: str, seq_len: int) -> list[Shard]:
     """The shards of one mds source, their columns checked (not yet their files)."""
     if not source.path:
-        raise ValueError(f"{setting}: an mds source needs a path (a folder with an MDS index.json)")
+        raise ConfigError(f"{setting}: an mds source needs a path (a folder with an MDS index.json)")
     if not Path(source.path).is_dir():
-        raise FileNotFoundError(f"{setting}: {source.path!r} is not a directory")
+        raise ConfigError(f"{setting}: {source.path!r} is not a directory")
     shards = read_index(source.path, setting)
     for shard in shards:
         encodings = dict(zip(shard.column_names, shard.column_encodings))
         if INPUT_IDS not in encodings:
-            raise ValueError(f"{setting}: {shard.path} has no {INPUT_IDS!r} column (columns: {shard.column_names})")
+            raise ConfigError(f"{setting}: {shard.path} has no {INPUT_IDS!r} column (columns: {shard.column_names})")
         check_columns(shard, READ_COLUMNS, setting)  # decodable (pkl refused), sizes as the encodings say
         for column in (INPUT_IDS, INDICES, MASK):
             if column in encodings and not encodings[column].startswith("ndarray"):
-                raise ValueError(f"{setting}: {shard.path}: column {column!r} must be an ndarray, "
+                raise ConfigError(f"{setting}: {shard.path}: column {column!r} must be an ndarray, "
                                  f"its encoding is {encodings[column]!r}")
         if LENGTH in encodings and np.dtype(SCALARS.get(encodings[LENGTH], "f4")).kind not in "ui":
-            raise ValueError(f"{setting}: {shard.path}: column {LENGTH!r} must be an integer, "
+            raise ConfigError(f"{setting}: {shard.path}: column {LENGTH!r} must be an integer, "
                              f"its encoding is {encodings[LENGTH]!r}")
         shape = encodings[INPUT_IDS].split(":")[2:]
         if shape and shape[0] != str(seq_len):
-            raise ValueError(f"{setting}: {shard.path}: rows of shape ({shape[0]},) (column {INPUT_IDS} "
+            raise ConfigError(f"{setting}: {shard.path}: rows of shape ({shape[0]},) (column {INPUT_IDS} "
                              f"{encodings[INPUT_IDS]}); seq_len is {seq_len}, prepare with seq_len: {shape[0]}")
     return shards
 
@@ -118,21 +119,21 @@ def convert_row(sample: dict, seq_len: int, vocab_size: int, where: str) -> tupl
     docstring for the rules. Raises ValueError naming `where` (file and sample) for a bad row."""
     ids = sample[INPUT_IDS]
     if ids.ndim != 1 or ids.dtype.kind not in "ui":
-        raise ValueError(f"{where}: {INPUT_IDS} must be a 1-D integer array (got {ids.dtype} of shape {ids.shape})")
+        raise DataError(f"{where}: {INPUT_IDS} must be a 1-D integer array (got {ids.dtype} of shape {ids.shape})")
     if len(ids) != seq_len:
-        raise ValueError(f"{where}: a row of {len(ids)} tokens; seq_len is {seq_len} and mode rows keeps rows as "
+        raise DataError(f"{where}: a row of {len(ids)} tokens; seq_len is {seq_len} and mode rows keeps rows as "
                          "stored (prepare with the seq_len the data was packed at)")
     if LENGTH in sample and int(sample[LENGTH]) != len(ids):
-        raise ValueError(f"{where}: column {LENGTH!r} says {sample[LENGTH]} tokens, the row holds {len(ids)}")
+        raise DataError(f"{where}: column {LENGTH!r} says {sample[LENGTH]} tokens, the row holds {len(ids)}")
     if len(ids) and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):  # two reductions, no temporary array
         at = int(np.argmax((ids >= vocab_size) | (ids < 0)))
-        raise ValueError(f"{where}: token id {int(ids[at])} at position {at} is outside the tokenizer's "
+        raise DataError(f"{where}: token id {int(ids[at])} at position {at} is outside the tokenizer's "
                          f"vocabulary of {vocab_size}")
     mask = None
     if MASK in sample:
         mask = sample[MASK]
         if mask.shape != (seq_len,) or mask.dtype.kind not in "ui" or mask.min() < 0 or mask.max() > 1:
-            raise ValueError(f"{where}: {MASK} must be {seq_len} values of 0 or 1 (got shape {mask.shape})")
+            raise DataError(f"{where}: {MASK} must be {seq_len} values of 0 or 1 (got shape {mask.shape})")
         mask = mask.astype(np.uint8)
     spans = _spans(sample.get(INDICES), seq_len, where)
     covered = spans[spans[:, 1] > spans[:, 0]]  # empty spans hold no token
@@ -157,7 +158,7 @@ def _spans(indices: np.ndarray | None, seq_len: int, where: str) -> np.ndarray:
     if indices is None:
         return np.array([[0, seq_len]], np.int64)
     if indices.ndim != 2 or indices.shape[1] != 2 or indices.dtype.kind not in "ui":
-        raise ValueError(f"{where}: {INDICES} must be integer [start, end) pairs of shape (n, 2), got "
+        raise DataError(f"{where}: {INDICES} must be integer [start, end) pairs of shape (n, 2), got "
                          f"{indices.dtype} {indices.shape}")
     spans = indices.astype(np.int64)
     starts, stops = spans[:, 0], spans[:, 1]
@@ -173,7 +174,7 @@ def _spans(indices: np.ndarray | None, seq_len: int, where: str) -> np.ndarray:
         k = int(np.argmax(flagged))
         what = next(message for flags, message in problems if flags[k])
         previous = f" (after [{before[k, 0]}, {before[k, 1]}))" if k else ""
-        raise ValueError(f"{where}: {INDICES}[{k}] = [{starts[k]}, {stops[k]}) " + what.format(INDICES=INDICES)
+        raise DataError(f"{where}: {INDICES}[{k}] = [{starts[k]}, {stops[k]}) " + what.format(INDICES=INDICES)
                          + previous)
     return spans
 

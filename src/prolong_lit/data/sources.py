@@ -19,15 +19,19 @@ source trains on the assistant replies, or with `loss_on: all` on every token (n
 from __future__ import annotations
 
 import ast
+import codecs
 import gzip
 import json
 import logging
 import sysconfig
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prolong_lit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ DEFAULT_PATTERNS = {"jsonl": "*.jsonl*", "parquet": "*.parquet", "text": "*.txt"
 CHAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 CHAT_ROLES = ("system", "user", "assistant")
 LOSS_ON = ("assistant", "all")  # a chat source's tokens that train (SourceConfig.loss_on)
+DECODE_ERRORS = ("strict", "replace")  # SourceConfig.errors
+DECODED_TYPES = ("jsonl", "text", "chat")  # the sources whose files this module decodes (errors applies)
 
 
 @dataclass
@@ -83,6 +89,9 @@ class SourceConfig:
             closing token; the prompts are masked, as in SFT) or `all` (every token, like a text document: no
             loss mask; ProLong's stage scripts train on Tulu-v2 this way). Text sources (jsonl, parquet, text,
             repos and the built-in text sources) train on every token and accept only the default.
+        errors: what a byte that is not UTF-8 does in a jsonl, text or chat (jsonl) file: `strict` (an error
+            naming the file and line) or `replace` (read as U+FFFD; the manifest's domain `documents` then
+            count `with_replaced_bytes` and `replaced_bytes`).
     """
 
     type: str
@@ -92,50 +101,102 @@ class SourceConfig:
     pattern: str | None = None
     exclude: list[str] = field(default_factory=list)
     loss_on: str = "assistant"
+    errors: str = "strict"
 
 
 def validate_source(source: SourceConfig, setting: str) -> None:
     """Raise a clear error naming `setting` (e.g. `domains.books.sources[0]`) if the source is unusable.
 
-    Reads the first document, so an empty source (no documents) is found before any work starts.
+    Reads the first document, so an empty source (no documents) is found before any work starts; jsonl, text
+    and chat (jsonl) files are read through, so a malformed line or a byte that is not UTF-8 is named before
+    any tokenizing (reading is far cheaper than tokenizing).
     """
     if source.type not in SOURCE_TYPES:
-        raise ValueError(f"{setting}.type: unknown source type {source.type!r} (choose from {', '.join(SOURCE_TYPES)})")
+        raise ConfigError(f"{setting}.type: unknown source type {source.type!r} "
+                          f"(choose from {', '.join(SOURCE_TYPES)})")
     if source.type in FILE_SOURCE_TYPES:
         if not source.path:
-            raise ValueError(f"{setting}.path: a {source.type} source needs a path")
+            raise ConfigError(f"{setting}.path: a {source.type} source needs a path")
         path = Path(source.path)
         if not path.exists():
-            raise FileNotFoundError(f"{setting}.path: {source.path!r} does not exist")
+            raise ConfigError(f"{setting}.path: {source.path!r} does not exist")
         if source.type == "repos" and not path.is_dir():
-            raise NotADirectoryError(f"{setting}.path: {source.path!r} must be a directory of repositories")
+            raise ConfigError(f"{setting}.path: {source.path!r} must be a directory of repositories")
     elif source.path is not None:
-        raise ValueError(f"{setting}.path: the built-in source {source.type} reads no path (got {source.path!r})")
+        raise ConfigError(f"{setting}.path: the built-in source {source.type} reads no path (got {source.path!r})")
     if source.loss_on not in LOSS_ON:
-        raise ValueError(f"{setting}.loss_on: {source.loss_on!r} is not one of {', '.join(LOSS_ON)}")
+        raise ConfigError(f"{setting}.loss_on: {source.loss_on!r} is not one of {', '.join(LOSS_ON)}")
     if source.loss_on != "assistant" and source.type in TEXT_SOURCE_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"{setting}.loss_on: only chat sources have prompt tokens to mask (a {source.type} source trains on all)"
         )
-    if next(iter_documents(source, setting), None) is None:
+    if source.errors not in DECODE_ERRORS:
+        raise ConfigError(f"{setting}.errors: {source.errors!r} is not one of {', '.join(DECODE_ERRORS)}")
+    if source.errors != "strict" and source.type not in DECODED_TYPES:
+        raise ConfigError(f"{setting}.errors: only {', '.join(DECODED_TYPES)} sources read it (got {source.type})")
+    documents = iter_documents(source, setting)
+    if next(documents, None) is None:
         where = f" at {source.path!r}" if source.path else ""
-        raise ValueError(f"{setting}: the {source.type} source{where} holds no documents")
+        raise ConfigError(f"{setting}: the {source.type} source{where} holds no documents")
+    if source.type in DECODED_TYPES:
+        for _ in documents:  # every line parsed and decoded (and every chat record checked)
+            pass
 
 
-def iter_documents(source: SourceConfig, setting: str = "source") -> Iterator[str | Conversation]:
-    """The documents of one source, in a deterministic order: texts, or `Conversation`s for a chat source."""
-    readers: dict[str, Callable[[SourceConfig, str], Iterator[str | Conversation]]] = {
-        "jsonl": _read_jsonl,
-        "parquet": _read_parquet,
-        "text": _read_text,
-        "repos": _read_repos,
-        "chat": _read_chat,
-        "python_stdlib_packages": _read_stdlib_packages,
-        "pydoc_topics": _read_pydoc_topics,
-        "python_docstrings": _read_docstrings,
-        "python_docstring_chats": _read_docstring_chats,
-    }
-    return readers[source.type](source, setting)
+def iter_documents(source: SourceConfig, setting: str = "source",
+                   counts: Counter | None = None) -> Iterator[str | Conversation]:
+    """The documents of one source, in a deterministic order: texts, or `Conversation`s for a chat source.
+    `counts` (if given) gets `with_replaced_bytes` and `replaced_bytes` of a source with errors: replace."""
+    counts = Counter() if counts is None else counts
+    if source.type in DECODED_TYPES:
+        return _DECODED_READERS[source.type](source, setting, counts)
+    return _READERS[source.type](source, setting)
+
+
+def _decode(raw: bytes, source: SourceConfig, where: str, setting: str, counts: Counter) -> str:
+    """`raw` as UTF-8: strict (a DataError naming `where` and the byte) or, with errors: replace, undecodable
+    bytes as U+FFFD, counted."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if source.errors != "replace":
+            line = raw.count(b"\n", 0, err.start)
+            at = f" (its line {line + 1})" if line else ""
+            raise DataError(f"{setting}: {where} is not UTF-8: byte 0x{raw[err.start]:02x} at offset {err.start}"
+                            f"{at} does not decode; fix the file, or set {setting}.errors: replace to read such "
+                            "bytes as U+FFFD (counted in the manifest)") from None
+    _REPLACED[0] = 0
+    text = raw.decode("utf-8", errors=_COUNT_REPLACE)
+    counts.update(with_replaced_bytes=1, replaced_bytes=_REPLACED[0])
+    return text
+
+
+_REPLACED = [0]  # bytes replaced by the decode call running now (the handler below has no other way out)
+
+
+def _count_and_replace(err: UnicodeDecodeError) -> tuple[str, int]:
+    _REPLACED[0] += err.end - err.start
+    return "\ufffd", err.end  # as errors="replace" does
+
+
+_COUNT_REPLACE = "prolong_lit.count_and_replace"
+codecs.register_error(_COUNT_REPLACE, _count_and_replace)
+
+
+def _jsonl_records(path: Path, source: SourceConfig, setting: str, counts: Counter) -> Iterator[tuple[str, object]]:
+    """(where, parsed record) of every non-blank line of a jsonl (or .jsonl.gz) file; a DataError naming the
+    file and line for one that does not decode or parse."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path} line {line_no}"
+            line = _decode(raw, source, where, setting, counts)
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{setting}: {where} is not valid JSON (column {err.colno}: {err.msg})") from None
 
 
 def repository_document(repo_dir: Path, pattern: str = "*") -> str:
@@ -180,17 +241,14 @@ def _pattern(source: SourceConfig) -> str:
 def _text_of(record: dict, source: SourceConfig, where: str, setting: str) -> str:
     text = record.get(source.text_field) if isinstance(record, dict) else None
     if not isinstance(text, str):
-        raise ValueError(f"{setting}.text_field: {where} has no text field {source.text_field!r}")
+        raise DataError(f"{setting}.text_field: {where} has no text field {source.text_field!r}")
     return text
 
 
-def _read_jsonl(source: SourceConfig, setting: str) -> Iterator[str]:
+def _read_jsonl(source: SourceConfig, setting: str, counts: Counter) -> Iterator[str]:
     for path in _files(Path(source.path), _pattern(source)):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if line.strip():
-                    yield _text_of(json.loads(line), source, f"{path} line {line_no}", setting)
+        for where, record in _jsonl_records(path, source, setting, counts):
+            yield _text_of(record, source, where, setting)
 
 
 def _read_parquet(source: SourceConfig, setting: str) -> Iterator[str]:
@@ -199,14 +257,14 @@ def _read_parquet(source: SourceConfig, setting: str) -> Iterator[str]:
     for path in _files(Path(source.path), _pattern(source)):
         parquet = pq.ParquetFile(path)
         if source.text_field not in parquet.schema_arrow.names:
-            raise ValueError(f"{setting}.text_field: {path} has no column {source.text_field!r}")
+            raise DataError(f"{setting}.text_field: {path} has no column {source.text_field!r}")
         for batch in parquet.iter_batches(columns=[source.text_field], batch_size=1024):
             yield from (text for text in batch.column(0).to_pylist() if text is not None)
 
 
-def _read_text(source: SourceConfig, setting: str) -> Iterator[str]:
+def _read_text(source: SourceConfig, setting: str, counts: Counter) -> Iterator[str]:
     for path in _files(Path(source.path), _pattern(source)):
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield _decode(path.read_bytes(), source, str(path), setting, counts)
 
 
 def _repositories(root: Path, exclude: list[str], only_packages: bool = False) -> list[Path]:
@@ -234,20 +292,21 @@ def _chat_files(source: SourceConfig) -> list[Path]:
     return [p for p in _files(path, "*") if p == path or p.name.endswith(CHAT_SUFFIXES)]
 
 
-def _read_chat(source: SourceConfig, setting: str) -> Iterator[Conversation]:
+def _read_chat(source: SourceConfig, setting: str, counts: Counter) -> Iterator[Conversation]:
     for path in _chat_files(source):
         reader = _read_chat_parquet if path.name.endswith(".parquet") else _read_chat_jsonl
-        for conversation in reader(path, source.messages_field, setting):
+        for conversation in reader(path, source, setting, counts):
             conversation.loss_on = source.loss_on
             yield conversation
 
 
-def _read_chat_parquet(path: Path, field_name: str, setting: str) -> Iterator[Conversation]:
+def _read_chat_parquet(path: Path, source: SourceConfig, setting: str, counts: Counter) -> Iterator[Conversation]:
     import pyarrow.parquet as pq
 
+    field_name = source.messages_field
     parquet = pq.ParquetFile(path)
     if field_name not in parquet.schema_arrow.names:
-        raise ValueError(f"{setting}.messages_field: {path} has no column {field_name!r}")
+        raise DataError(f"{setting}.messages_field: {path} has no column {field_name!r}")
     row = 0
     for batch in parquet.iter_batches(columns=[field_name], batch_size=1024):
         for messages in batch.column(0).to_pylist():
@@ -255,35 +314,27 @@ def _read_chat_parquet(path: Path, field_name: str, setting: str) -> Iterator[Co
             yield _conversation(messages, f"{path} row {row}", field_name, setting)
 
 
-def _read_chat_jsonl(path: Path, field_name: str, setting: str) -> Iterator[Conversation]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{setting}: {where} is not valid JSON ({err})") from err
-            if not isinstance(record, dict) or field_name not in record:
-                raise ValueError(f"{setting}.messages_field: {where} has no field {field_name!r}")
-            yield _conversation(record[field_name], where, field_name, setting)
+def _read_chat_jsonl(path: Path, source: SourceConfig, setting: str, counts: Counter) -> Iterator[Conversation]:
+    field_name = source.messages_field
+    for where, record in _jsonl_records(path, source, setting, counts):
+        if not isinstance(record, dict) or field_name not in record:
+            raise DataError(f"{setting}.messages_field: {where} has no field {field_name!r}")
+        yield _conversation(record[field_name], where, field_name, setting)
 
 
 def _conversation(messages, where: str, field_name: str, setting: str) -> Conversation:
     """Check one record's messages; keep only role and content (what every chat template reads)."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{setting}.messages_field: {where} field {field_name!r} is not a non-empty list of messages")
+        raise DataError(f"{setting}.messages_field: {where} field {field_name!r} is not a non-empty list of messages")
     checked = []
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in CHAT_ROLES:
-            raise ValueError(
+            raise DataError(
                 f"{setting}: {where} message {i} has unknown role {role!r} (allowed: {', '.join(CHAT_ROLES)})"
             )
         if not isinstance(message.get("content"), str):
-            raise ValueError(f"{setting}: {where} message {i} ({role}) has no text content")
+            raise DataError(f"{setting}: {where} message {i} ({role}) has no text content")
         checked.append({"role": role, "content": message["content"]})
     return Conversation(messages=checked, where=where)
 
@@ -339,6 +390,21 @@ def _read_docstring_chats(source: SourceConfig, setting: str) -> Iterator[Conver
             messages = [{"role": "user", "content": question.format(name=f"{module}.{name}")},
                         {"role": "assistant", "content": answer}]
             yield Conversation(messages=messages, where=f"{path} {name}", loss_on=source.loss_on)
+
+
+_DECODED_READERS: dict[str, Callable[[SourceConfig, str, Counter], Iterator[str | Conversation]]] = {
+    "jsonl": _read_jsonl,
+    "text": _read_text,
+    "chat": _read_chat,
+}
+_READERS: dict[str, Callable[[SourceConfig, str], Iterator[str | Conversation]]] = {
+    "parquet": _read_parquet,
+    "repos": _read_repos,
+    "python_stdlib_packages": _read_stdlib_packages,
+    "pydoc_topics": _read_pydoc_topics,
+    "python_docstrings": _read_docstrings,
+    "python_docstring_chats": _read_docstring_chats,
+}
 
 
 def public_api_summaries(code: bytes | str) -> Iterator[tuple[str, str]]:

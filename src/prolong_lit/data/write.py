@@ -1,92 +1,64 @@
 """Writing a planned domain as a litdata directory: `write_domain` (every packing mode but rows, which writes its
-chunks directly: rows.py, litdata_chunks.py) and the content digest that pins index.json.
+chunks directly: rows.py, litdata_chunks.py) and the content digest that pins index.json; the
+scratch folder beside the output and the errors of a full or read-only disk.
 
-One litdata worker, fed the samples in order, writes the chunks, so chunk contents and names are a function of
-the plan alone and the same input gives the same bytes in every output file.
+litdata's own `BinaryWriter` writes the chunks, in this process and fed the samples in order, so chunk contents
+and names are a function of the plan alone and the same input gives the same bytes in every output file (the
+bytes `litdata.optimize` with one ordered worker writes). Not `optimize` itself: it writes from a worker process,
+and a failure there (a full disk) left the parent waiting on its queues, a hang with nothing printed; here an
+OSError reaches the caller (prepare.py turns it into an error naming the file).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import multiprocessing as mp
+import logging
+import os
+import shutil
+import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from prolong_lit.data.packing import SampleBuilder, TokenStore
-from prolong_lit.data.pool import START_METHOD
+from prolong_lit.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def write_domain(store: TokenStore, plan: list[np.ndarray], seq_len: int, out: Path, chunk_bytes: str = "64MB") -> None:
     """Write the planned samples of one domain into the litdata directory `out`."""
-    from litdata import optimize
+    from litdata.streaming.writer import BinaryWriter
 
-    builder = _WriterFn(SampleBuilder(store.tokens_path, store.mask_path if store.has_mask else None, seq_len))
-    previous = mp.get_start_method(allow_none=True)
+    builder = SampleBuilder(store.tokens_path, store.mask_path if store.has_mask else None, seq_len)
     hasher = _ChunkHasher(Path(out))
+    writer = BinaryWriter(str(out), chunk_bytes=chunk_bytes)
+    writer._rank = 0  # the only writer: chunk-0-<k>.bin, 0.index.json (as litdata's optimize sets it in its worker)
     hasher.start()
     try:
-        # One worker fed the samples in order (no reordering, no shared queue): chunk contents and names are
-        # then a function of the plan alone.
-        optimize(
-            fn=builder,
-            inputs=plan,
-            output_dir=str(out),
-            chunk_bytes=chunk_bytes,
-            num_workers=1,
-            reorder_files=False,
-            keep_data_ordered=True,
-            start_method=START_METHOD,
-            verbose=False,
-        )
+        for i, spans in enumerate(plan):
+            writer[i] = builder(spans)
+        writer.done()
+        writer.merge(num_workers=1)  # 0.index.json -> index.json
+    except OSError as err:
+        if err.filename is None:  # a failed write or close: the chunk being written (its number not yet advanced)
+            err.filename = str(Path(out) / writer.get_chunk_filename())
+        raise
     finally:
-        mp.set_start_method(previous, force=True)  # litdata sets the start method process-wide
         hasher.finish()
     _pin_index_timestamp(Path(out), hasher)
 
 
-class _WriterFn:
-    """optimize's fn, run in litdata's writer process: the SampleBuilder, and before its first sample glibc is told
-    to keep freed memory in the heap (`_reuse_freed_memory`)."""
-
-    def __init__(self, builder: SampleBuilder) -> None:
-        self.builder = builder
-        self.tuned = False
-
-    def __call__(self, spans: np.ndarray) -> dict[str, np.ndarray]:
-        if not self.tuned:
-            _reuse_freed_memory()
-            self.tuned = True
-        return self.builder(spans)
-
-
-def _reuse_freed_memory() -> None:
-    """In litdata's writer process (only there: it exits when the domain is written): serve every allocation
-    from the heap and keep what is freed. litdata copies each chunk twice through fresh chunk-sized buffers
-    (~64 MB), which glibc would otherwise mmap and unmap each time, paying a page fault per 4 KiB on every
-    copy: a third of the writer's time. The heap then stays at the writer's peak (a chunk and its copies),
-    which does not grow with the data. No effect where the C library is not glibc."""
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    mallopt(m_mmap_max, 0)
-    mallopt(m_trim_threshold, 1 << 30)
-
-
 class _ChunkHasher(threading.Thread):
-    """Hashes the chunk files of `out` in order while litdata's writer process is still writing the later ones
-    (this process only waits for it meanwhile; on two cores the sha256 then costs no wall time).
+    """Hashes the chunk files of `out` in order while the writer is still writing the later ones (hashlib
+    releases the GIL on large buffers: on two cores the sha256 then costs little wall time).
 
-    litdata's one worker writes chunk `chunk-0-<k>.bin` whole (opened, written, closed) before it creates
+    litdata's writer writes chunk `chunk-0-<k>.bin` whole (opened, written, closed) before it creates
     `chunk-0-<k+1>.bin`, so a chunk is complete once the next one exists; the last one is left to
     `_pin_index_timestamp`, which also checks the hashed files against the final index (names in order, sizes)
     and hashes everything again if they disagree: the digest never depends on this thread's timing.
@@ -148,3 +120,99 @@ def _pin_index_timestamp(out: Path, hasher: _ChunkHasher | None = None) -> None:
         _hash_file(out / name, digest)
     index["updated_at"] = digest.hexdigest()[:32]
     index_path.write_text(json.dumps(index, sort_keys=True))
+
+
+# ---- the output folder: scratch beside it, and disk errors ----
+
+SCRATCH_SUFFIX = ".prepare-scratch"
+_OWNER = "owner"
+
+
+def scratch_path(out: Path) -> Path:
+    """The scratch folder of output_dir `out`: beside it (same filesystem: a rows domain is moved, not copied),
+    under a fixed name, so the next `prepare` finds and removes what a killed one left."""
+    return out.parent / f".{out.name}{SCRATCH_SUFFIX}"
+
+
+@contextmanager
+def scratch_folder(out: Path) -> Iterator[Path]:
+    """The scratch folder of `out` for the block, removed after it (also on an error, a Ctrl-C or a SIGTERM that
+    `prepare` turns into an exit). A folder left by a prepare that was killed is removed first; one that a
+    running prepare (same host, live pid) owns is refused: both would write the same output_dir."""
+    scratch = scratch_path(out)
+    if scratch.exists():
+        owner = _live_owner(scratch)
+        if owner is not None:
+            raise DataError(f"output_dir: another prepare (pid {owner}) is writing {str(out)!r} (its scratch folder "
+                            f"{scratch}); wait for it to end, or if no such prepare runs, delete that folder")
+        log.info("removing the scratch folder %s that an interrupted prepare left", scratch)
+        shutil.rmtree(scratch)
+    try:
+        with disk_errors(scratch):
+            scratch.mkdir(parents=True)
+            (scratch / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _live_owner(scratch: Path) -> int | None:
+    """The pid of the running process on this host that owns `scratch`, or None (gone, another host's, or an
+    unreadable owner file: a kill can leave it empty)."""
+    try:
+        host, pid = (scratch / _OWNER).read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname() or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
+
+
+@contextmanager
+def disk_errors(where: Path, setting: str = "output_dir") -> Iterator[None]:
+    """An OSError of the block about a file under `where` or about none (a full disk, a read-only or unwritable
+    folder, a file size limit) -> a DataError naming the file (or `where`) and what to do."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename and not _inside(Path(err.filename), where):
+            raise  # about another file (a source being read): not this folder's disk
+        raise DataError(os_error_message(err, where, setting)) from err
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    return path == folder or folder in path.parents
+
+
+def os_error_message(err: OSError, where: Path, setting: str = "output_dir") -> str:
+    """One line for an OSError met while writing under `where`: the file, the system's reason, what to do."""
+    path = Path(err.filename) if err.filename else where
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(path)
+        room = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
+        advice = f"free some space{room} or choose another {setting}"
+    elif err.errno == errno.EFBIG:
+        advice = f"a file size limit stops it (`ulimit -f`, or the filesystem's): raise it or choose another {setting}"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        advice = f"choose a writable {setting}"
+    else:
+        advice = f"check {setting}"
+    return f"{setting}: writing {path} failed: {reason}; {advice}, then run the command again"
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return None
