@@ -40,12 +40,14 @@ def sum_and_grads(fn, hidden, head, labels):
     return total.detach(), count, hidden.grad.clone(), head.weight.grad.clone()
 
 
+@pytest.mark.parametrize("implementation", ["chunked", "checkpointed"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 2048])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
-def test_chunked_equals_full_cross_entropy(chunk_size, dtype, tolerance):
+def test_chunked_equals_full_cross_entropy(chunk_size, dtype, tolerance, implementation):
     # fp64: absolute tolerance 1e-6 (observed ~1e-13). fp32: relative 1e-5 (sums of ~50 terms of ~4).
     hidden, head, labels = inputs(dtype)
-    ours = sum_and_grads(lambda h, m, y: chunked_cross_entropy_sum(h, y, m, chunk_size), hidden, head, labels)
+    ours = sum_and_grads(lambda h, m, y: chunked_cross_entropy_sum(h, y, m, chunk_size, implementation=implementation),
+                         hidden, head, labels)
     ref = sum_and_grads(full_logits_reference, hidden, head, labels)
     assert int(ours[1]) == int(ref[1]) == int((labels[:, 1:] != IGNORE_INDEX).sum())
     scale = 1.0 if dtype == torch.float64 else None
@@ -67,24 +69,71 @@ def test_loss_is_shifted_per_row():
     assert abs(total.item() - flat_wrong.item()) > 1e-3
 
 
-def test_no_loss_tokens_gives_zero_and_a_connected_graph():
+@pytest.mark.parametrize("implementation", ["chunked", "checkpointed"])
+def test_no_loss_tokens_gives_zero_and_a_connected_graph(implementation):
     hidden, head, labels = inputs(torch.float32)
     labels[:] = IGNORE_INDEX
-    total, count = chunked_cross_entropy_sum(hidden, labels, head, 8)
+    total, count = chunked_cross_entropy_sum(hidden, labels, head, 8, implementation=implementation)
     total.backward()
     assert int(count) == 0 and total.item() == 0.0
     assert head.weight.grad is not None and not head.weight.grad.any()
 
 
-def test_full_logits_never_exist():
+@pytest.mark.parametrize("implementation", ["chunked", "checkpointed"])
+def test_full_logits_never_exist(implementation):
     """Forward and backward together never hold more than one chunk of logits."""
     hidden, head, labels = inputs(torch.float32, masked_fraction=0.0)
     chunk = 8
     with LargestTensor() as largest:
-        total, _ = chunked_cross_entropy_sum(hidden, labels, head, chunk)
+        total, _ = chunked_cross_entropy_sum(hidden, labels, head, chunk, implementation=implementation)
         total.backward()
-    # one chunk's logits, or the hidden states (and their gradient) themselves
-    assert largest.numel <= max(chunk * V, B * L * D), (largest.numel, largest.op)
+    # one chunk's logits, the hidden states (and their gradient) or the head's weight gradient
+    assert largest.numel <= max(chunk * V, B * L * D, V * D), (largest.numel, largest.op)
     with LargestTensor() as full:  # the check can fail: plain cross-entropy holds (B*(L-1), V)
         full_logits_reference(hidden, head, labels)[0].backward()
     assert full.numel >= B * (L - 1) * V
+
+
+@pytest.mark.parametrize("chunk_size", [7, 2048])
+def test_bf16_autocast_matches_the_checkpointed_path(chunk_size):
+    """Under bf16 autocast (fp32 weights, bf16 matrix products) both implementations give the same sum and
+    gradients up to bf16 rounding: the chunked one adds the chunks' weight gradients in fp32, autograd in the
+    weight's dtype (fp32 here too), so they agree to a few bf16 ulps (relative 1e-2 of the largest entry)."""
+    results = {}
+    for implementation in ("chunked", "checkpointed"):
+        hidden, head, labels = inputs(torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[implementation] = sum_and_grads(
+                lambda h, m, y, impl=implementation: chunked_cross_entropy_sum(h, y, m, chunk_size,
+                                                                               implementation=impl),
+                hidden, head, labels)
+    ours, ref = results["chunked"], results["checkpointed"]
+    assert ours[2].dtype == ref[2].dtype and ours[3].dtype == ref[3].dtype == torch.float32
+    for name, a, b in [("sum", ours[0], ref[0]), ("d hidden", ours[2], ref[2]), ("d weight", ours[3], ref[3])]:
+        diff = (a.double() - b.double()).abs().max().item() / b.abs().max().item()
+        assert diff <= 1e-2, f"{name}: {diff}"
+
+
+def test_chunked_keeps_no_logits_for_backward():
+    """The chunked function saves its inputs only: between forward and backward nothing of size (n, V) lives."""
+    hidden, head, labels = inputs(torch.float32, masked_fraction=0.0)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        total, _ = chunked_cross_entropy_sum(hidden, labels, head, 8, implementation="chunked")
+    assert total.requires_grad and max(saved) <= max(B * L * D, V * D)
+
+
+def test_liger_is_refused_where_it_cannot_run():
+    """On a machine without CUDA (or without liger-kernel) the setting is refused by name, before the model is built."""
+    from prolong_lit.errors import ConfigError
+    from prolong_lit.model.module import LongContextLM
+    from prolong_lit.model.settings import KernelSettings
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: tests/gpu/test_liger_loss.py runs the kernel")
+    module = LongContextLM(kernels=KernelSettings(loss_implementation="liger"))
+    with pytest.raises(ConfigError, match=r"model\.kernels\.loss_implementation: 'liger' needs a CUDA device"):
+        module.configure_model()
+    assert module.model is None
+    with pytest.raises(ConfigError, match=r"model\.kernels\.loss_implementation: 'fused' is unknown"):
+        KernelSettings(loss_implementation="fused")

@@ -306,3 +306,40 @@ def test_activation_checkpointing_recomputes_layers_with_equal_gradients(step_ba
         calls[enabled] = len(count)
     assert calls == {False: 1, True: 2}  # the layer ran again in backward
     assert relative_diff(grads[True], grads[False]) <= 1e-6
+
+
+class NormCounter:
+    """Counts torch's total-norm computations (the public one and the one clip_grad_norm_ calls) while patched in."""
+
+    def __init__(self, monkeypatch) -> None:
+        import torch.nn.utils.clip_grad as clip_grad
+
+        self.calls = 0
+        original = clip_grad._get_total_norm
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(clip_grad, "_get_total_norm", counted)
+        monkeypatch.setattr(torch.nn.utils, "get_total_norm", counted)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clipping_reuses_the_logged_pre_clip_norm(algorithm, step_batches, initial_state, monkeypatch):
+    """One norm computation per optimizer step (logged, then used to clip by norm), and the update is exactly
+    Lightning's clip_grad_norm_ applied to the reference gradient: SGD new = old - lr * g * min(1, c / |g|)."""
+    batches = share_step([copy.deepcopy(b) for b in step_batches])
+    _, ref_grads, _ = reference_step(initial_state, list(step_batches))
+    ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()])).item()
+    clip = 0.25 * ref_norm if algorithm == "norm" else 1e-3  # both clip for real
+    counter = NormCounter(monkeypatch)
+    module = fresh_module(initial_state)
+    run = trainer(accumulate_grad_batches=2, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    run.fit(module, train_dataloaders=loader(batches))
+    assert counter.calls == 1  # the logged norm; clipping by value computes none
+    assert run.callback_metrics["train/grad_norm"].item() == pytest.approx(ref_norm, rel=1e-5)
+    updated = module.model.state_dict()
+    for name, grad in ref_grads.items():
+        clipped = grad * min(1.0, clip / (ref_norm + 1e-6)) if algorithm == "norm" else grad.clamp(-clip, clip)
+        assert torch.allclose(updated[name], initial_state[name] - SGD_LR * clipped, rtol=0, atol=1e-6), name

@@ -294,7 +294,9 @@ def register_attention() -> None:
     functions = {VARLEN: varlen_attention_forward, DOCMASK: docmask_attention_forward, AUTO: auto_attention_forward}
     for name, function in functions.items():
         for registered, forward in ((name, function), (SEQUENCE_PARALLEL_NAMES[name], ulysses_attention(function))):
-            AttentionInterface.register(registered, forward)
+            # left out of compiled decoder layers (model.kernels.compile_blocks): the documents of each batch (their
+            # number and lengths, a Python loop over them) would otherwise recompile the graph per batch
+            AttentionInterface.register(registered, torch.compiler.disable(forward))
             AttentionMaskInterface.register(registered, padding_only_mask)
 
 

@@ -19,12 +19,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import Precision
 from torch.distributed.tensor import DTensor
 
 from prolong_lit.checkpoint import HF_CONFIG_KEY, run_metadata
 from prolong_lit.data.format import PackedBatch
 from prolong_lit.model.attention import resolve_attn_implementation, sequence_parallel_attn_name
 from prolong_lit.model.config import architecture, build_llama_config
+from prolong_lit.model.liger_loss import check_liger_available, liger_cross_entropy_sum
 from prolong_lit.model.loss import chunked_cross_entropy_sum
 from prolong_lit.model.optim import (
     AdamW,
@@ -97,6 +99,7 @@ class LongContextLM(pl.LightningModule):
         self._sp_checked_stages: set[str] = set()  # stages whose first batch the SP group compared
         self._step_loss_sum: torch.Tensor | None = None  # detached sum_CE of this optimizer step, this rank
         self._step_loss_tokens: torch.Tensor | None = None
+        self._pre_clip_norm: tuple[list, torch.Tensor] | None = None  # this step's parameters, gradient norm
         self._val_sum: torch.Tensor | None = None
         self._val_count: torch.Tensor | None = None
 
@@ -150,13 +153,16 @@ class LongContextLM(pl.LightningModule):
         says so. Lightning calls this inside its init contexts (device, dtype)."""
         if self.model is not None:
             return
+        if self.kernels.loss_implementation == "liger":  # refused before anything is built or written
+            check_liger_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         plan = self.parallel_plan
         attn_name = self.attn_name
         if plan.sequence_parallel is not None:
             check_sequence_parallel_shape(plan.sequence_parallel_size, self.seq_len,
                                           self.hf_config.num_attention_heads, self.hf_config.num_key_value_heads)
             attn_name = sequence_parallel_attn_name(attn_name)  # the twin that can exchange heads for sequence
-        self.model = build_parallel_llama(self.llama_settings.name_or_path, self.hf_config, attn_name, plan)
+        self.model = build_parallel_llama(self.llama_settings.name_or_path, self.hf_config, attn_name, plan,
+                                          compile_blocks=self.kernels.compile_blocks)
         log.info("built %s: %.1fM parameters, attention %s%s", self.llama_settings.name_or_path,
                  sum(p.numel() for p in self.model.parameters()) / 1e6, attn_name,
                  "" if plan.shard_mesh is None else f", sharded ({plan.sharding})")
@@ -188,8 +194,11 @@ class LongContextLM(pl.LightningModule):
             # a DataModule's own on_after_batch_transfer replaced ours: shard here, the loss stays exact
             batch = shard_batch(batch, self.sequence_parallel)
         hidden = self(batch)  # (B, L, d)
+        if self.kernels.loss_implementation == "liger":
+            return liger_cross_entropy_sum(hidden, batch.labels, self.model.lm_head, batch.labels_shifted)
         return chunked_cross_entropy_sum(hidden, batch.labels, self.model.lm_head, self.kernels.loss_chunk_size,
-                                         labels_shifted=batch.labels_shifted)
+                                         labels_shifted=batch.labels_shifted,
+                                         implementation=self.kernels.loss_implementation)
 
     # -- training ----------------------------------------------------------------------------------------------
 
@@ -229,16 +238,30 @@ class LongContextLM(pl.LightningModule):
             mean = total / self._step_loss_tokens.clamp(min=1).to(total.device)
             self.log("train/loss", mean.float(), on_step=True, on_epoch=False, prog_bar=True)
             self._step_loss_sum = None
-        self.log("train/grad_norm", self._grad_norm(), on_step=True, on_epoch=False)
+        # Lightning clips after this hook (configure_gradient_clipping), which reuses this norm
+        params, norm = pre_clip_grad_norm(optimizer)
+        self._pre_clip_norm = (params, norm)
+        self.log("train/grad_norm", _full(norm) if params else torch.zeros((), device=self.device),
+                 on_step=True, on_epoch=False)
         self.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False)
 
-    def _grad_norm(self) -> torch.Tensor:
-        # Before clipping (Lightning clips after this hook). Under fp16 AMP the gradients are still scaled here.
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.device)
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by norm with the norm on_before_optimizer_step computed and logged, instead of computing it a
+        second time (a reduction over every gradient, and under FSDP2 a collective); anything else (clipping by
+        value, a precision plugin with its own clipping) goes to Lightning's own."""
+        cached, self._pre_clip_norm = self._pre_clip_norm, None
+        algorithm = (gradient_clip_algorithm or "norm").lower()
+        reusable = (
+            cached is not None and algorithm == "norm" and gradient_clip_val
+            and type(self.trainer.precision_plugin).clip_grad_by_norm is Precision.clip_grad_by_norm
+        )
+        if not reusable:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params, norm = cached
+        if params:
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(param_groups(self.model.named_parameters()))
@@ -308,6 +331,20 @@ class LongContextLM(pl.LightningModule):
                 "checkpoint from an incompatible run: its model differs from model.llama.name_or_path "
                 f"{self.llama_settings.name_or_path!r} (+ model.llama.overrides): " + "; ".join(diffs)
             )
+
+
+def pre_clip_grad_norm(optimizer: torch.optim.Optimizer) -> tuple[list[torch.nn.Parameter], torch.Tensor | None]:
+    """(parameters with a gradient, total L2 norm of their gradients) of the optimizer: what Lightning's
+    clipping would compute (its `main_params` are the optimizer's). Under FSDP2 the norm is a DTensor, as
+    clipping expects."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not params:
+        return params, None
+    return params, torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def check_manifest(manifest: Any, seq_len: int, vocab_size: int, model_name: str) -> None:

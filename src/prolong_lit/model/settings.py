@@ -19,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
+from prolong_lit.errors import ConfigError
 from prolong_lit.model.attention import ATTN_IMPLEMENTATIONS, DEFAULT_DOCMASK_BLOCK_SIZE
+from prolong_lit.model.loss import LOSS_IMPLEMENTATIONS
 
 
 @dataclass
@@ -47,7 +49,7 @@ class LlamaSettings:
 
 @dataclass
 class KernelSettings:
-    """Which kernels run the attention and the loss.
+    """Which kernels run the attention, the loss and the decoder layers.
 
     Args:
         attn_implementation: auto (FlashAttention-2 varlen on CUDA with flash-attn, exact document-masked SDPA
@@ -56,21 +58,34 @@ class KernelSettings:
             length).
         loss_chunk_size: tokens per chunk of the LM head + cross-entropy (the full logits never exist; ProLong's
             LOGIT_BLOCK_SIZE=2048).
+        loss_implementation: chunked (one function for the whole chunked loss: under FSDP2 the LM head is
+            gathered once per micro-batch and its gradient reduce-scattered once), checkpointed (each chunk a
+            checkpointed call of the head: FSDP2 gathers it again per chunk in backward), or liger (Liger-Kernel's
+            fused linear cross-entropy; CUDA and the liger-kernel package).
+        compile_blocks: `torch.compile` each decoder layer (regional compilation) with the attention kernel
+            left out of the graphs, so varying document lengths do not recompile.
     """
 
     attn_implementation: str = "auto"
     docmask_block_size: int = DEFAULT_DOCMASK_BLOCK_SIZE
     loss_chunk_size: int = 2048
+    loss_implementation: str = "chunked"
+    compile_blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"model.kernels.attn_implementation: {self.attn_implementation!r} is unknown; choose one "
                 f"of {', '.join(ATTN_IMPLEMENTATIONS)}"
             )
         for name in ("docmask_block_size", "loss_chunk_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.kernels.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.kernels.{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_implementation not in LOSS_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"model.kernels.loss_implementation: {self.loss_implementation!r} is unknown; choose one of "
+                f"{', '.join(LOSS_IMPLEMENTATIONS)}"
+            )
 
 
 Settings = TypeVar("Settings", LlamaSettings, KernelSettings)
@@ -82,5 +97,5 @@ def settings_from(kind: type[Settings], value: Settings | dict[str, Any]) -> Set
         return value
     known = {f.name for f in fields(kind)}
     if not isinstance(value, dict) or not set(value) <= known:
-        raise ValueError(f"model: {value!r} is not a {kind.__name__} (fields: {', '.join(sorted(known))})")
+        raise ConfigError(f"model: {value!r} is not a {kind.__name__} (fields: {', '.join(sorted(known))})")
     return kind(**value)

@@ -46,7 +46,8 @@ class ParallelPlan:
         shard_mesh: the mesh FSDP2 shards the model over (1-D: FSDP; 2-D ("replicate", "shard"): HSDP); None
             leaves the model unsharded.
         sharding: how FSDP2 shards and computes (mixed precision, offload, resharding); used with `shard_mesh`.
-        activation_checkpointing: recompute every block's forward in backward (the policy `full`).
+        activation_checkpointing: what every block recomputes in backward: False (nothing), "full" (its whole
+            forward) or "selective" (all but the attention kernels); FSDP2Strategy normalises true to "full".
     """
 
     global_rank: int = 0
@@ -54,7 +55,7 @@ class ParallelPlan:
     sequence_parallel: SequenceParallel | None = None
     shard_mesh: DeviceMesh | None = None
     sharding: ShardingConfig = DEFAULT_SHARDING
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False
 
     @property
     def sequence_parallel_size(self) -> int:
@@ -124,7 +125,7 @@ def build_plan(
     replicate_size: int = 1,
     sequence_parallel_size: int = 1,
     sharding: ShardingConfig | None = DEFAULT_SHARDING,
-    activation_checkpointing: bool = False,
+    activation_checkpointing: bool | str = False,
 ) -> ParallelPlan:
     """Build the world mesh and the plan read from it (collective: every rank calls it, after the process group
     exists). `sharding=None` keeps the model unsharded (sequence parallelism alone)."""
@@ -139,7 +140,8 @@ def build_plan(
     )
     log.info("parallel plan on rank %d: mesh %s, data-parallel %d of %d, sequence-parallel size %d%s", global_rank,
              dict(zip(mesh.mesh_dim_names, mesh.shape)), plan.data_parallel_rank, plan.data_parallel_size,
-             plan.sequence_parallel_size, ", activation checkpointing" if activation_checkpointing else "")
+             plan.sequence_parallel_size,
+             f", activation checkpointing {activation_checkpointing}" if activation_checkpointing else "")
     return plan
 
 

@@ -33,6 +33,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
 from prolong_lit.checkpoint_io import save_distributed_atomically
+from prolong_lit.errors import ConfigError
 from prolong_lit.parallel.fsdp import STRATEGY_SETTING, ShardingConfig
 from prolong_lit.parallel.plan import ParallelPlan, build_plan, check_sequence_parallel_size
 
@@ -46,7 +47,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         sequence_parallel_size: P, the ranks that share every row (Ulysses all-to-all attention; ProLong: 8 at
             512K). Must divide the ranks of a replica, the row length and the attention heads; the ranks of a
             group read the same samples, so the data-parallel size is world / P.
-        activation_checkpointing: recompute every decoder layer's forward in backward (needed at 64K and beyond).
+        activation_checkpointing: what every decoder layer recomputes in backward (needed at 64K and beyond):
+            true or `full` (its whole forward: least memory), `selective` (all but the attention kernels, whose
+            outputs and log-sum-exp are kept: the attention forward runs once), false (nothing).
         param_dtype: the compute dtype: FSDP2 gathers the parameters in it for forward and backward (bfloat16:
             the recipe's mixed precision, fp32 master weights kept sharded); null computes in fp32.
         reduce_dtype: the dtype gradients are reduced in (float32); null: param_dtype.
@@ -63,7 +66,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self,
         replicate_size: int | Literal["nodes"] = 1,
         sequence_parallel_size: int = 1,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: bool | Literal["full", "selective"] = False,
         param_dtype: str | None = None,
         reduce_dtype: str | None = "float32",
         cpu_offload: bool = False,
@@ -81,13 +84,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
         if replicate_size != "nodes" and (isinstance(replicate_size, bool) or not isinstance(replicate_size, int)
                                           or replicate_size < 1):
-            raise ValueError(
+            raise ConfigError(
                 f"{STRATEGY_SETTING}.replicate_size: {replicate_size!r} is neither a positive integer nor 'nodes'"
             )
         check_sequence_parallel_size(sequence_parallel_size)
         self.replicate_size = replicate_size
         self.sequence_parallel_size = sequence_parallel_size
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing = checkpointing_policy(activation_checkpointing)
         self.sharding = ShardingConfig(param_dtype, reduce_dtype, cpu_offload, reshard_after_forward)
         self.parallel_plan: ParallelPlan | None = None  # built in setup_environment, once the process group exists
 
@@ -116,7 +119,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def _check_precision(self) -> None:
         precision = getattr(self.precision_plugin, "precision", "32-true")
         if self.sharding.param_dtype is not None and precision not in ("32-true", "32"):
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.precision ({precision}) and {STRATEGY_SETTING}.param_dtype ({self.sharding.param_dtype}) "
                 "both set the compute dtype; keep trainer.precision at 32-true (fp32 master weights) and let "
                 "param_dtype say what the run computes in"
@@ -127,3 +130,17 @@ class FSDP2Strategy(ModelParallelStrategy):
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         assert self.parallel_plan is not None
         return {"num_replicas": self.parallel_plan.data_parallel_size, "rank": self.parallel_plan.data_parallel_rank}
+
+
+AC_POLICIES = ("full", "selective")
+
+
+def checkpointing_policy(value: bool | str) -> bool | str:
+    """`activation_checkpointing` as the plan carries it: False, "full" (also for true) or "selective"."""
+    if value is True:
+        return "full"
+    if value is False or value in AC_POLICIES:
+        return value
+    raise ConfigError(
+        f"{STRATEGY_SETTING}.activation_checkpointing: {value!r} is not one of true, false, {', '.join(AC_POLICIES)}"
+    )
