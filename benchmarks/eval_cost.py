@@ -9,6 +9,14 @@ demo's starting point) with the real Llama-3 tokenizer, per length: examples/s, 
 prompts, prefill and decoding. A random model never emits EOS, so every example decodes the task's full generation
 length (50 tokens for the RULER needles, 100 for JSON KV): an upper bound on what a trained model costs.
 
+Part 3, per HELMET category (`--categories`): `run_evaluation` on the tasks of each category at 2K/4K/8K, examples/s
+and the mean prompt and generated tokens per example. Recall and RULER are generated (every task of them); the file
+categories read data written for the benchmark into a temporary HELMET folder: RAG (`kilt_nq`), re-rank and ICL
+(`icl_trec_coarse`) with contexts long enough to be cut to every length, and, when the file-tasks loaders are
+registered, LongQA / Summ / Cite from the test fixtures' writers (`tests/helpers/helmet_data.py`: 33K-133K-token
+documents, ALCE's 40 documents of ~70 tokens per question), one representative task or all of them as listed in
+`CATEGORY_TASKS`. Prompts use no chat template (the tokenizer has none); the cost is the same.
+
 Part 2, the KV cache: `greedy_generate` on the same prompts with and without the cache. The cached path must
 prefill once per example and then feed one token per step: the tokens entering the model (counted by a hook on the
 embedding) are L + n - 1 for n new tokens, against n*L + n(n-1)/2 without the cache, and the outputs are identical.
@@ -20,7 +28,12 @@ import argparse
 import json
 import logging
 import os
+import random
+import sys
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,6 +47,7 @@ from prolong_lit.evals import (  # noqa: E402
     run_evaluation,
     stop_token_ids,
 )
+from prolong_lit.evals.registry import TASKS  # noqa: E402
 from prolong_lit.model.module import LongContextLM  # noqa: E402
 from prolong_lit.model.settings import LlamaSettings  # noqa: E402
 from prolong_lit.tokenizer import load_tokenizer  # noqa: E402
@@ -107,6 +121,109 @@ def cache_comparison(model, tokenizer, lengths: list[int], new_tokens: int) -> l
     return rows
 
 
+# One category -> the tasks timed for it (those registered when the benchmark runs).
+CATEGORY_TASKS = {
+    "recall": ["json_kv", "ruler_niah_mk_2", "ruler_niah_mk_3", "ruler_niah_mv"],
+    "ruler": ["ruler_niah_s_1", "ruler_niah_s_2", "ruler_niah_s_3", "ruler_niah_mk_1", "ruler_niah_mq", "ruler_vt",
+              "ruler_cwe", "ruler_fwe"],
+    "rag": ["kilt_nq"],
+    "rerank": ["msmarco_rerank_psg"],
+    "icl": ["icl_trec_coarse"],
+    "longqa": ["narrativeqa", "infbench_qa_eng", "infbench_choice_eng"],
+    "summ": ["infbench_sum_eng", "multi_lexsum"],
+    "cite": ["alce_asqa", "alce_qampari"],
+}
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_bench_helmet_dir(root: Path) -> Path:
+    """HELMET-layout files for 2K-8K (HELMET lengths 4K and 8K) with contexts longer than 8K tokens."""
+    rng = random.Random(0)
+    data = root / "data"
+    words = "river castle lantern orchard meadow harbor violin comet tunnel falcon garden window silver forest".split()
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    def passages(n: int, tag: str) -> list[dict]:
+        return [{"title": f"{tag} {i}", "text": text(90), "has_answer": i == 0} for i in range(n)]
+
+    nq = [{"id": f"q{q}", "question": f"who built tower {q}?", "answers": [f"builder {q}"],
+           "ctxs": passages(100, f"q{q}"), "depth": 50} for q in range(8)]
+    demos = [{"id": f"d{d}", "question": f"demo {d}?", "answers": [f"a{d}"], "ctxs": passages(3, f"d{d}")}
+             for d in range(6)]
+    for k in (20, 50):
+        _jsonl(data / f"kilt/nq-dev-multikilt_1000_k{k}_dep6.jsonl", nq)
+    _jsonl(data / "kilt/nq-train-multikilt_1000_k3_dep6.jsonl", demos)
+
+    def rerank(qid: str, n: int, size: int) -> dict:
+        return {"qid": qid, "query": f"query {qid}", "ctxs": [
+            {"id": str(100 + i), "label": rng.choice([0, 0, 1, 2, 3]), "title": f"t{i}", "text": text(size)}
+            for i in range(n)]}
+
+    for k in (14, 50):
+        _jsonl(data / f"msmarco/test_reranking_data_k{k}_dep3.jsonl", [rerank(f"q{i}", 100, 90) for i in range(8)])
+    _jsonl(data / "msmarco/test_reranking_data_k10_dep3.jsonl", [rerank(f"d{i}", 10, 20) for i in range(6)])
+    train = [{"text": f"question {i} about {text(12)}", "label": i % 6} for i in range(2400)]
+    test = [{"text": f"test {i} {uuid.UUID(int=rng.getrandbits(128))}", "label": i % 6} for i in range(60)]
+    _jsonl(data / "icl/trec_coarse/train.jsonl", train)
+    _jsonl(data / "icl/trec_coarse/test.jsonl", test)
+    try:  # the file-tasks fixtures (LongQA, Summ, Cite), when the repository's tests are there
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.helpers.helmet_data import write_alce, write_longdoc
+
+        write_longdoc(data)
+        write_alce(data, data.parent / "prompts")
+    except ImportError as err:
+        log.warning("LongQA/Summ/Cite data not written (%s): those categories are skipped", err)
+    return root
+
+
+def category_cost(model, tokenizer, lengths: list[int], samples: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        helmet_dir = write_bench_helmet_dir(Path(tmp))
+        for category, tasks in CATEGORY_TASKS.items():
+            tasks = [t for t in tasks if t in TASKS]
+            if not tasks:
+                log.warning("category %s: none of %s registered; skipped", category, CATEGORY_TASKS[category])
+                continue
+            for length in lengths:
+                settings = EvalSettings(tasks=tasks, lengths=[length], samples_per_task=samples, seed=0,
+                                        helmet_dir=str(helmet_dir), use_chat_template=False)
+                started = time.perf_counter()
+                results = run_evaluation(model, tokenizer, settings, model.config.max_position_embeddings,
+                                         distributed=False)
+                total = time.perf_counter() - started
+                gen = results.generation
+                n = gen["sequences"]
+                rows.append({"category": category, "tasks": tasks, "length": length, "examples": n,
+                             "seconds": total, "examples_per_s": n / total, "prompt_tokens": gen["prompt_tokens"] / n,
+                             "generated_tokens": gen["generated_tokens"] / n})
+                log.info("category %s", rows[-1])
+    return rows
+
+
+def category_markdown(rows: list[dict], samples: int) -> str:
+    lines = [
+        f"{samples} test items per task and length (RAG: each question's depth variants); torch threads "
+        f"{torch.get_num_threads()}.",
+        "",
+        "| category | tasks | length | examples | s | examples/s | prompt tokens / example | generated / example |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['category']} | {', '.join(r['tasks'])} | {r['length']} | {r['examples']} | {r['seconds']:.1f} | "
+            f"{r['examples_per_s']:.2f} | {r['prompt_tokens']:.0f} | {r['generated_tokens']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(cost: list[dict], cache: list[dict], tasks: list[str], samples: int) -> str:
     lines = [
         f"Tasks {', '.join(tasks)}; {samples} examples per task and length; torch threads {torch.get_num_threads()}.",
@@ -143,6 +260,9 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=32, help="tokens decoded in the cache comparison")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="also write the raw numbers here")
+    parser.add_argument("--categories", action="store_true",
+                        help="only part 3: time per HELMET category at --category_lengths")
+    parser.add_argument("--category_lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -150,6 +270,14 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = load_tokenizer("llama3")
     model = demo_model()
+    if args.categories:
+        with torch.no_grad():
+            rows = category_cost(model, tokenizer, args.category_lengths, args.samples)
+        print(category_markdown(rows, args.samples))  # noqa: T201 - the benchmark's output
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"categories": rows, "samples": args.samples}, f, indent=1)
+        return
     with torch.no_grad():
         cache = cache_comparison(model, tokenizer, args.cache_lengths, args.new_tokens)
         cost = evaluation_cost(model, tokenizer, args.tasks, args.lengths, args.samples)

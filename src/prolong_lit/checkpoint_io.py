@@ -97,11 +97,14 @@ def storage_error(err: BaseException, path: str | Path, what: str = "the checkpo
 
 
 def check_writable(folder: Path, setting: str) -> None:
-    """Refuse, before anything runs, a folder that cannot be written (read-only, no permission), naming `setting`;
-    it is created if missing (as the run would)."""
-    probe = partial_path(folder / "write-probe")
+    """Refuse, before anything runs, a folder that cannot be written (read-only, no permission), naming `setting`.
+    Nothing is created: a missing folder is checked through its nearest existing parent (the run creates it
+    later), so a run refused for another reason leaves no empty folders behind."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    probe = partial_path(existing / "write-probe")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:

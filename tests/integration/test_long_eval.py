@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,11 @@ EVAL_ARGS = {
     "max_new_tokens": 6,
     "every_n_steps": 3,
 }
-REPORT_FILES = {"eval_results.json", "eval_report.md", "score_vs_length.png", "needle_ruler_niah_s_1.png",
-                "needle_json_kv.png"}
+REPORT_FILES = {"eval_results.json", "eval_report.md", "helmet_table.csv", "helmet_table.md", "score_vs_length.png",
+                "needle_ruler_niah_s_1.png", "needle_json_kv.png"}
+# One task of each HELMET category (and RULER), on HELMET-format fixture files (file tasks) or generated.
+CATEGORY_TASKS = {"recall": "json_kv", "ruler": "ruler_niah_s_1", "rag": "kilt_nq", "rerank": "msmarco_rerank_psg",
+                  "icl": "icl_trec_coarse", "longqa": "infbench_qa_eng", "summ": "multi_lexsum", "cite": "alce_asqa"}
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +80,11 @@ def test_callback_logs_scalars_pictures_and_reports_and_eval_command_agrees(tmp_
     main(fit_args(config, **EVAL_ARGS))
     log_dir = run_dir(tmp_path, "ev") / LOGS
 
-    # scalars at step 3 (every_n_steps) and 4 (end of fit), one per task@length plus the category average
+    # scalars at step 3 (every_n_steps) and 4 (end of fit), one per task@length; no category: HELMET's recall
+    # also needs ruler_niah_mk_2, mk_3 and mv (test_every_category_end_to_end has complete ones)
     scalars = read_scalars(log_dir)
-    tags = [f"eval/{t}@{n}" for t in EVAL_ARGS["tasks"] for n in EVAL_ARGS["lengths"]] + ["eval/recall"]
+    tags = [f"eval/{t}@{n}" for t in EVAL_ARGS["tasks"] for n in EVAL_ARGS["lengths"]]
+    assert not [tag for tag in scalars if tag.startswith("eval/category/")]
     for tag in tags:
         assert [step for step, _ in scalars.get(tag, [])] == [3, 4], f"{tag}: {scalars.get(tag)}"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -102,7 +108,7 @@ def test_callback_logs_scalars_pictures_and_reports_and_eval_command_agrees(tmp_
                 assert logged == pytest.approx(score, abs=1e-4)
         depths = report["depth_scores"]["ruler_niah_s_1"]["256"]
         assert set(depths) == {"0.0", "0.5", "1.0"}
-    assert "| ruler_niah_s_1 | recall | ruler_recall |" in (log_dir / "evals/step000004/eval_report.md").read_text()
+    assert "| ruler_niah_s_1 | ruler | ruler_recall |" in (log_dir / "evals/step000004/eval_report.md").read_text()
     final = read_report(log_dir / "evals" / "step000004")
     assert len({r["output"] for r in final["records"]}) > 1  # real generations, not one constant string
 
@@ -124,6 +130,36 @@ def test_callback_logs_scalars_pictures_and_reports_and_eval_command_agrees(tmp_
 
     with pytest.raises(FileExistsError, match="--overwrite"):  # refused before any model is loaded
         eval_main(["--model", str(tmp_path / "missing.ckpt"), "--output", str(tmp_path / "c1")])
+
+
+def test_every_category_end_to_end(tmp_path, data_dir):
+    """A fit with the callback evaluates one task of every category (HELMET files written in HELMET's formats for
+    the file tasks): a score per task, HELMET's categories where complete (re-rank: one task), the others listed
+    as incomplete, the table in the evaluation folder and the category scalars in TensorBoard."""
+    from tests.helpers.helmet_data import write_alce, write_longdoc
+    from tests.unit.test_eval_helmet import write_helmet_dir
+
+    helmet = write_helmet_dir(tmp_path / "helmet")
+    write_longdoc(helmet / "data")
+    write_alce(helmet / "data", helmet / "prompts")
+    tasks = list(CATEGORY_TASKS.values())
+    config = demo_config(tmp_path, data_dir, "all", max_steps=1)
+    main(fit_args(config, tasks=tasks, lengths=[1024], samples_per_task=1, max_new_tokens=4, every_n_steps=None,
+                  helmet_dir=str(helmet)))
+    log_dir = run_dir(tmp_path, "all") / LOGS
+    report = read_report(log_dir / "evals" / "step000001")
+    assert set(report["scores"]) == set(tasks) and all(report["scores"][t]["1024"] is not None for t in tasks)
+    assert {report["task_categories"][t] for t in tasks} == set(CATEGORY_TASKS)
+    assert report["category_scores"] == {"rerank": {"1024": report["scores"]["msmarco_rerank_psg"]["1024"]}}
+    assert set(report["incomplete_categories"]) == {"recall", "ruler", "rag", "icl", "longqa", "summ", "cite",
+                                                    "helmet"}
+    assert report["incomplete_categories"]["cite"][:1] == ["alce_asqa citation_rec"]  # no NLI model: not computed
+    scalars = read_scalars(log_dir)
+    assert [step for step, _ in scalars["eval/category/rerank@1024"]] == [1] and "eval/category/rerank" in scalars
+    assert not [tag for tag in scalars if tag.startswith("eval/category/") and "rerank" not in tag]
+    table = (log_dir / "evals/step000001/helmet_table.csv").read_text().splitlines()
+    assert table[0].split(",")[:9] == ["length", "recall", "rag", "icl", "cite", "rerank", "longqa", "summ", "ruler"]
+    assert table[1].startswith("1024,,,,,") and len(table) == 3
 
 
 def export_hf(checkpoint: Path, out: Path) -> Path:
@@ -150,28 +186,32 @@ def _helmet_dir(root: Path, bad_line: str | None) -> Path:
     "case",
     ["unknown_task", "too_long", "helmet_missing", "helmet_malformed", "tokenizer_too_big"],
 )
-def test_bad_settings_fail_in_setup_before_training(tmp_path, data_dir, case):
+def test_bad_settings_fail_in_setup_before_training(tmp_path, data_dir, case, capsys):
     extra: list[str] = []
     args = {"tasks": ["ruler_niah_s_1"], "lengths": [256], "samples_per_task": 1}
     if case == "unknown_task":
         args["tasks"] = ["ruler_niah_s_1", "needle"]
-        error, match = ValueError, r"LongContextEval\.settings\.tasks: unknown task\(s\) \['needle'\]"
+        match = r"LongContextEval\.settings\.tasks: unknown task\(s\) \['needle'\]"
     elif case == "too_long":
         args["lengths"] = [256, 16384]
-        error, match = ValueError, r"LongContextEval\.settings\.lengths: \[16384\] exceed .*embeddings \(8192\)"
+        match = r"LongContextEval\.settings\.lengths: \[16384\] exceed .*embeddings \(8192\)"
     elif case == "helmet_missing":
         (tmp_path / "helmet").mkdir()
         args.update(tasks=["kilt_nq"], lengths=[1024], helmet_dir=str(tmp_path / "helmet"))
-        error, match = FileNotFoundError, r"LongContextEval\.settings\.helmet_dir: 2 HELMET file\(s\) missing"
+        match = r"LongContextEval\.settings\.helmet_dir: 2 HELMET file\(s\) missing"
     elif case == "helmet_malformed":
         helmet = _helmet_dir(tmp_path / "helmet", '{"context": "x", "question": 3, "answer": "b", "demos": []}')
         args.update(tasks=["helmet_json_kv"], lengths=[1024], helmet_dir=str(helmet))
-        error, match = ValueError, r"(?s)LongContextEval\.settings\.helmet_dir: .*k50_dep6\.jsonl:2: field 'question'"
+        match = r"(?s)LongContextEval\.settings\.helmet_dir: .*k50_dep6\.jsonl:2: field 'question'"
     else:
         extra = ["--model.init_args.llama.overrides", '{"vocab_size": 1000}']
-        error, match = ValueError, r"LongContextEval\.tokenizer: the tokenizer has 128256 tokens .* vocab_size is 1000"
-    with pytest.raises(error, match=match):
+        match = r"LongContextEval\.tokenizer: the tokenizer has 128256 tokens .* vocab_size is 1000"
+    # a user's mistake: `python -m prolong_lit` prints it on one line and exits 2 (prolong_lit.errors)
+    with pytest.raises(SystemExit) as exit_info:
         main(fit_args(demo_config(tmp_path, data_dir, "bad", max_steps=2), **args) + extra)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert re.search(match, message), message[-2000:]
     assert not (run_dir(tmp_path, "bad") / CHECKPOINTS).exists()  # no training step ran
     assert not list(run_dir(tmp_path, "bad").rglob("evals"))
 

@@ -276,12 +276,12 @@ def test_run_evaluation_on_helmet_files(helmet_dir, llama3_tokenizer):
     train.write_text(good)
     settings = EvalSettings(tasks, [LENGTH], samples_per_task=1, seed=0, helmet_dir=str(helmet_dir), max_new_tokens=2)
     results = run_evaluation(model, llama3_tokenizer, settings, None)
+    # HELMET's categories: only re-rank (one task) is complete; the others lack tasks and get no scalar
     assert set(results.flat()) == {f"eval/{t}@{LENGTH}" for t in tasks} | {
-        "eval/recall",
-        "eval/rag",
-        "eval/rerank",
-        "eval/icl",
+        f"eval/category/rerank@{LENGTH}",
+        "eval/category/rerank",
     }
+    assert set(results.incomplete_categories) == {"recall", "rag", "icl", "helmet"}
     assert results.num_examples["kilt_nq"][LENGTH] == 2  # one question, both of its depths
     assert set(results.depth_scores) == {"helmet_json_kv", "kilt_nq"}
     assert all(r["prompt_tokens"] <= LENGTH - 2 for r in results.records)
@@ -292,3 +292,29 @@ def test_run_evaluation_on_helmet_files(helmet_dir, llama3_tokenizer):
     train.write_text(good + '{"text": "x", "label": [1]}\n')
     again = run_evaluation(model, llama3_tokenizer, settings, None, helmet_data=read_once)
     assert again.flat() == results.flat() and again.records == results.records
+
+
+def test_chat_template_wraps_the_user_turn_of_any_task(helmet_dir, llama3_tokenizer):
+    data = load_helmet_task("kilt_nq", helmet_dir, LENGTH, samples=1, seed=0)
+    plain = build_helmet_example(data, 0, llama3_tokenizer, budget=LENGTH - 20)
+    chat = build_helmet_example(data, 0, llama3_tokenizer, budget=LENGTH - 20, chat=True)
+    record = data.records[0]
+    assert plain.prompt.endswith(f"Question: {record['question']}\nAnswer:")
+    # HELMET with use_chat_template: the user turn is the prompt without the answer prefix, no system message
+    user = chat.prompt.split("<|start_header_id|>user<|end_header_id|>\n\n", 1)[1].split("<|eot_id|>")[0]
+    assert chat.prompt.startswith("<|begin_of_text|><|start_header_id|>user")
+    assert user.endswith(f"Question: {record['question']}") and "<|start_header_id|>system" not in chat.prompt
+    assert chat.prompt.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert chat.input_ids == llama3_tokenizer(chat.prompt, add_special_tokens=False)["input_ids"]
+    assert chat.input_ids.count(128000) == 1 and len(chat.input_ids) <= LENGTH - 20  # one BOS, within budget
+
+
+def test_a_non_utf8_line_is_a_data_error_through_the_settings_check(helmet_dir, llama3_tokenizer):
+    from prolong_lit.errors import DataError
+    from prolong_lit.evals import check_settings
+
+    path = helmet_dir / "data/kilt/nq-dev-multikilt_1000_k20_dep6.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"question": "\xff"}\n')  # issue 13: this was a TypeError
+    settings = EvalSettings(["kilt_nq"], [LENGTH], samples_per_task=1, helmet_dir=str(helmet_dir))
+    with pytest.raises(DataError, match=rf"--helmet_dir: malformed HELMET data:\n  {path}:7: not UTF-8 text"):
+        check_settings(settings, llama3_tokenizer, 128256, 8192, prefix="--", tokenizer_setting="--tokenizer")

@@ -132,3 +132,88 @@ def test_metric_compute_is_the_mean_over_all_ranks():
     mp.start_processes(_sync_worker, args=(free_port(), queue), nprocs=2, start_method="spawn")
     results = dict(queue.get() for _ in range(2))
     assert results == {0: pytest.approx(0.75), 1: pytest.approx(0.75)}
+
+
+# ---- LongQA, summarization and ALCE metrics ------------------------------------------------------------------
+
+
+def test_rouge_l_and_lsum_against_hand_computed_lcs_and_rouge_score_itself():
+    from rouge_score import rouge_scorer
+
+    from prolong_lit.evals.metrics import rouge_scores
+
+    # one sentence: LCS "the cat on the mat" = 5 of 6 tokens each side -> P = R = F = 5/6
+    assert rouge_scores("the cat sat on the mat", "the cat is on the mat")["rougeL_f1"] == pytest.approx(5 / 6)
+    # two lines swapped: ROUGE-L sees one sequence (LCS 4 of 7 stemmed tokens), ROUGE-Lsum the union LCS per line
+    gold, pred = "The cats are running.\nDogs bark loudly.", "Dogs bark loudly.\nThe cats are running."
+    scores = rouge_scores(pred, gold)
+    assert scores["rougeL_f1"] == pytest.approx(4 / 7) and scores["rougeLsum_f1"] == pytest.approx(1.0)
+    reference = rouge_scorer.RougeScorer(["rougeL", "rougeLsum"], use_stemmer=True)
+    for p, g in [(pred, gold), ("A summary of a trial.\nThe judge ruled.", "The court ruled for the plaintiffs.")]:
+        direct = reference.score(target=g, prediction=p)
+        got = rouge_scores(p, g)
+        for kind in ("rougeL", "rougeLsum"):
+            assert got[f"{kind}_f1"] == pytest.approx(direct[kind].fmeasure, abs=1e-12)
+            assert got[f"{kind}_recall"] == pytest.approx(direct[kind].recall, abs=1e-12)
+
+
+def test_text_metrics_take_the_best_of_answers_and_of_raw_vs_parsed_output():
+    from prolong_lit.evals.metrics import best_text_metrics, text_metrics
+
+    raw = "Answer: the captain\nQuestion: who else?"
+    plain = text_metrics(raw, ["The Captain", "nobody"])
+    assert plain["exact_match"] == 0.0 and plain["substring_exact_match"] == 1.0
+    assert plain["f1"] == pytest.approx(2 * (1 / 5) * 1 / (1 / 5 + 1))  # "answer captain question who else"
+    best = best_text_metrics(raw, ["The Captain", "nobody"], "Answer:")
+    assert best["exact_match"] == 1.0 and best["f1"] == 1.0 and best["rougeL_f1"] == 1.0  # parsed: "the captain"
+    metric = build_metric("rougeL_f1", "Answer:", sync_on_compute=False)
+    metric.update([raw, "nothing"], [["the captain"], ["the captain"]])
+    assert float(metric.compute()) == pytest.approx(0.5)
+    assert set(metric.details(raw, ["the captain"])) == {
+        "exact_match", "f1", "substring_exact_match", "rougeL_f1", "rougeL_recall", "rougeLsum_f1", "rougeLsum_recall"
+    }
+
+
+def test_choice_accuracy_letter_or_lettered_option_text():
+    from prolong_lit.evals.metrics import choice_accuracy
+
+    gold = ["B", "B. bridge 2b"]
+    assert choice_accuracy("B", gold) == 1.0
+    assert choice_accuracy("Answer: B\n", gold) == 1.0  # the parsed output
+    assert choice_accuracy("I think it is b. Bridge 2B, clearly", gold) == 1.0  # "B. bridge 2b" in the output
+    assert choice_accuracy("C", gold) == 0.0
+    assert choice_accuracy("B is wrong, C", gold) == 0.0  # no exact match, no lettered option text
+
+
+def test_alce_str_em_and_qampari_scores_by_hand():
+    from prolong_lit.evals.metrics import qampari_scores, remove_citations, str_em
+
+    assert remove_citations("A [1][2] b [3].") == "A b."
+    pairs = [["mason 1", "m1"], ["architect 1"]]
+    assert str_em("It was Mason 1 [1]\nwith the architect [2].", pairs) == (0.5, 0.0)
+    assert str_em("Mason 1 [1] and the Architect 1 [2].", pairs) == (1.0, 1.0)
+    answers = [["river 1a", "the 1a"], ["river 1b"], ["river 1c"]]
+    got = qampari_scores("River 1a [1], river 1b [2], lake [3].", answers)
+    assert got["num_preds"] == 3 and got["qampari_prec"] == pytest.approx(2 / 3)
+    assert got["qampari_rec"] == pytest.approx(2 / 3) and got["qampari_rec_top5"] == pytest.approx(2 / 3)
+    assert got["qampari_f1"] == pytest.approx(2 / 3)
+    many = [[f"x{i}"] for i in range(8)]  # rec@5: 5 of 8 found counts as complete
+    assert qampari_scores("x0, x1, x2, x3, x4", many)["qampari_rec_top5"] == 1.0
+    assert qampari_scores("x0, x1, x2, x3, x4", many)["qampari_rec"] == pytest.approx(5 / 8)
+    metric = build_metric("qampari_rec_top5", "Answer:", sync_on_compute=False)
+    assert metric.score_one("River 1a [1], river 1b [2], lake [3].", answers) == pytest.approx(2 / 3)
+    details = metric.details("river 1a [1]", answers, {"docs": [], "question": "q"})
+    assert details["citation_rec"] is None and details["citation_prec"] is None  # no NLI model: not computed
+
+
+def test_offline_notes_name_the_judge_and_the_missing_citation_scores():
+    from prolong_lit.evals.metrics import offline_notes
+
+    notes = offline_notes(
+        {"narrativeqa": "rougeL_f1", "kilt_nq": "substring_exact_match", "alce_asqa": "str_em"},
+        {"alce_asqa": {"citation_rec": {1024: None}}, "narrativeqa": {"f1": {1024: 3.0}}},
+    )
+    assert notes == [
+        "narrativeqa: HELMET's GPT-4o judge (gpt-4-score) cannot run offline; the score is rougeL_f1",
+        "alce_asqa: citation recall/precision not computed (no NLI model; set nli_model_dir)",
+    ]

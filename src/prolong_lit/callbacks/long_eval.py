@@ -1,10 +1,13 @@
 """LongContextEval: the long-context evaluation every N optimizer steps and at the end of fit, logged and reported.
 
 Each evaluation (at optimizer step s = trainer.global_step) writes
-- scalars `eval/<task>@<length>` and `eval/<category>` (HELMET's 0-100 scale) to every logger of the trainer, at
-  step s; they also enter `trainer.callback_metrics`, so a ModelCheckpoint can monitor e.g. `eval/recall`;
+- scalars (HELMET's 0-100 scale) to every logger of the trainer (TensorBoard included), at step s:
+  `eval/<task>@<length>`, HELMET's category scores `eval/category/<category>@<length>` and their means over the
+  lengths `eval/category/<category>` (complete categories only: `prolong_lit.evals.categories`); they also enter
+  `trainer.callback_metrics`, so a ModelCheckpoint can monitor e.g. `eval/category/recall`;
 - pictures to a TensorBoardLogger: `eval/score_vs_length` and `eval/needle/<task>` (score by depth x length);
-- `<log_dir>/evals/step<s:06d>/`: `eval_results.json`, `eval_report.md` and the same pictures as PNG
+- `<log_dir>/evals/step<s:06d>/`: `eval_results.json`, `eval_report.md`, HELMET's table (`helmet_table.csv`,
+  `helmet_table.md`: lengths x categories and tasks) and the same pictures as PNG
   (`prolong_lit.evals.write_report`; `<log_dir>` is `trainer.log_dir` unless `output_dir` is given).
 
 The evaluation itself is `prolong_lit.evals.run_evaluation` on the LightningModule's Hugging Face model
@@ -34,6 +37,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import PreTrainedTokenizerBase
 
+from prolong_lit.errors import ConfigError
 from prolong_lit.evals import (
     EvalResults,
     EvalSettings,
@@ -76,7 +80,7 @@ class LongContextEval(Callback):
             log_images: send the heatmaps and the score-vs-length plot to a TensorBoardLogger.
         """
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"{SETTING}.every_n_steps must be a positive integer or null, got {every_n_steps!r}")
+            raise ConfigError(f"{SETTING}.every_n_steps must be a positive integer or null, got {every_n_steps!r}")
         if settings is not None and not isinstance(settings, EvalSettings):
             raise TypeError(f"{SETTING}.settings: expected EvalSettings (or a mapping of its fields in YAML)")
         self.tokenizer_name = tokenizer

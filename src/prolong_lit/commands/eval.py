@@ -13,7 +13,11 @@ LongContextEval entry, or a flat mapping of the options below), and the flags.
 The tokenizer: `--tokenizer`, else the one those settings name, else the one the checkpoint records, else the
 model directory's own, else `llama3`.
 
-Writes `<output>/eval_results.json`, `eval_report.md` and the PNG pictures (as the callback's `step<N>/` folders);
+`python -m prolong_lit eval --list_tasks` prints every registered task with its HELMET category, metric,
+generation length and data source (generated, or the HELMET file it reads), and exits.
+
+Writes `<output>/eval_results.json`, `eval_report.md`, HELMET's table (`helmet_table.csv`, `helmet_table.md`) and
+the PNG pictures (as the callback's `step<N>/` folders);
 refuses an output folder that already holds a report unless `--overwrite`. Every check runs before the weights
 load. Under `torchrun --nproc_per_node N` the ranks share the examples (gloo on CPU, NCCL on GPU).
 """
@@ -44,6 +48,7 @@ from prolong_lit.checkpoint import (
 )
 from prolong_lit.commands import command_parser
 from prolong_lit.constants import DTYPES
+from prolong_lit.errors import ConfigError, ExistingPathError, MissingPathError
 from prolong_lit.evals import EvalResults, EvalSettings, check_settings, run_evaluation, write_report
 from prolong_lit.tokenizer import load_tokenizer
 
@@ -79,6 +84,8 @@ def build_parser() -> ArgumentParser:
     _add_setting_flags(parser)
     parser.add_argument("--no_cache", action="store_true", help="decode without a KV cache (benchmarks only)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --output")
+    parser.add_argument("--list_tasks", action="store_true",
+                        help="print every task (category, metric, data source) and exit; needs no other flag")
     parser.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on GPU, else fp32")
     parser.add_argument("--attn_implementation", type=str, default="sdpa",
@@ -131,22 +138,22 @@ def settings_from_yaml(path: str | Path) -> dict[str, Any]:
     `no_cache: true`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config: {path} does not exist")
+        raise MissingPathError(f"--config: {path} does not exist")
     tree = yaml.safe_load(path.read_text()) or {}
     found = _find_callback_args(tree)
     if found is None:
         if not isinstance(tree, dict):
-            raise ValueError(f"--config: {path} holds neither a {CALLBACK_NAME} entry nor a mapping of its options")
+            raise ConfigError(f"--config: {path} holds neither a {CALLBACK_NAME} entry nor a mapping of its options")
         found = dict(tree)
     nested = found.pop("settings", None) or {}
     if not isinstance(nested, dict):
-        raise ValueError(f"--config: {path}: `settings` must be a mapping of EvalSettings' fields")
+        raise ConfigError(f"--config: {path}: `settings` must be a mapping of EvalSettings' fields")
     options = {**found, **nested}
     if "use_cache" in options:
         options["no_cache"] = options.pop("use_cache") is False
     unknown = sorted(set(options) - _option_names() - SCHEDULE_ARGS)
     if unknown:
-        raise ValueError(f"--config: {path} gives unknown evaluation options {unknown}")
+        raise ConfigError(f"--config: {path} gives unknown evaluation options {unknown}")
     return {k: v for k, v in options.items() if k not in SCHEDULE_ARGS}
 
 
@@ -174,7 +181,7 @@ def resolve_settings(args: Namespace, saved: dict[str, Any]) -> tuple[EvalSettin
     try:
         return EvalSettings(**{k: v for k, v in merged.items() if k in fields}), tokenizer
     except ValueError as err:  # its messages start with the field's name, which is the flag's
-        raise ValueError(f"--{err}") from err
+        raise ConfigError(f"--{err}") from err
 
 
 # -- the model -------------------------------------------------------------------------------------------------
@@ -224,7 +231,7 @@ def _device(name: str) -> torch.device:
 def _check_output(output: Path, overwrite: bool) -> None:
     existing = [str(output / n) for n in REPORT_FILES if (output / n).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"--output: {output} already holds a report ({existing}); pass --overwrite")
+        raise ExistingPathError(f"--output: {output} already holds a report ({existing}); pass --overwrite")
 
 
 # -- the command -----------------------------------------------------------------------------------------------
@@ -238,7 +245,7 @@ def evaluate(argv: list[str]) -> EvalResults:
     output, model_path = Path(args.output), Path(args.model)
     _check_output(output, args.overwrite)
     if not model_path.exists():
-        raise FileNotFoundError(f"--model: {model_path} does not exist")
+        raise MissingPathError(f"--model: {model_path} does not exist")
     meta = read_model_meta(model_path)
     settings, tokenizer_name = resolve_settings(args, _checkpoint_callback_settings(meta or {}))
     if tokenizer_name is None and meta is not None:
@@ -277,4 +284,9 @@ def evaluate(argv: list[str]) -> EvalResults:
 
 def main(argv: list[str]) -> None:
     """Entry point of `python -m prolong_lit eval` (TOOL_SUBCOMMANDS)."""
+    if "--list_tasks" in argv:  # needs no model: print the registry's tasks and stop
+        from prolong_lit.evals.catalog import render_task_list
+
+        print(render_task_list())
+        return
     evaluate(argv)

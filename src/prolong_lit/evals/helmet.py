@@ -1,11 +1,15 @@
-"""HELMET's file-based tasks: JSON KV, RAG (NQ, TriviaQA, HotpotQA, PopQA), MS MARCO re-ranking and ICL.
+"""HELMET's file-based tasks: JSON KV, RAG (NQ, TriviaQA, HotpotQA, PopQA), MS MARCO re-ranking, ICL, and (in
+`longdoc` and `citations`) LongQA, summarization and ALCE citations.
 
 `load_helmet_task` reads and checks the files (file schemas in `helmet_files`) and samples the test items;
 `build_helmet_example` turns one sampled item into a prompt that fits `budget` tokens (HELMET's budget is the
 evaluation length minus the generation length), cutting only the context from its end.
 
 What follows HELMET's `data.py`:
-- Sampling: JSON KV and ICL shuffle the test items with `seed` and keep `samples`; RAG and re-ranking sample
+- Sampling: JSON KV (and HELMET's RULER files, `ruler_files`) keep the first `samples` items of the order of
+  `datasets.Dataset.shuffle(seed)` (numpy's default_rng(seed) permutation); ICL, when the test split has more than
+  `samples` items, shuffles it that way and then draws `samples` items label-balanced (`balance_labels` seeded with
+  `seed`), as HELMET's `load_icl`; RAG and re-ranking sample
   `samples` distinct questions (key `id`, else `question`; `qid` for MS MARCO) and keep every depth/shuffle
   variant of each, so a RAG run has up to 6x `samples` prompts, as HELMET's 100 questions give 600.
 - Demonstrations (2 shots): JSON KV takes the record's first two `demos`; RAG and re-ranking shuffle the demo
@@ -28,8 +32,9 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from prolong_lit.errors import ConfigError
+from prolong_lit.evals import citations, longdoc, prompts, ruler_files
 from prolong_lit.evals import helmet_files as hf
-from prolong_lit.evals import prompts
 from prolong_lit.evals.results import EvalExample
 
 
@@ -44,6 +49,7 @@ class HelmetTaskData:
     demos: list[dict] = field(default_factory=list)  # the demonstration pool (ICL: the train split)
     demos_exclude_self: bool = True  # whether each item's own key must be removed from the pool
     labels: list = field(default_factory=list)  # ICL: the sorted class labels
+    prompt_file: dict = field(default_factory=dict)  # ALCE: HELMET's prompt file (instruction, formats, demos)
 
 
 # What was read for each (task, length) of an evaluation: read once when its settings are checked, then reused.
@@ -67,23 +73,54 @@ def _sample_by_key(records: list[dict], key: str, samples: int, seed: int) -> li
     return [r for r in records if r[key] in chosen]
 
 
-def _shuffled(records: list[dict], samples: int, seed: int) -> list[dict]:
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    return [records[i] for i in order[:samples]]
+def _hf_shuffled(records: list[dict], seed: int) -> list[dict]:
+    """`datasets.Dataset.shuffle(seed=seed)`: the order of numpy's default_rng(seed).permutation."""
+    return [records[int(i)] for i in np.random.default_rng(seed).permutation(len(records))]
 
 
 def _rag_key(records: list[dict]) -> str:
     return "id" if all("id" in r for r in records) else "question"
 
 
-def load_helmet_task(task: str, helmet_dir: str | Path, length: int, samples: int, seed: int) -> HelmetTaskData:
-    """Read, check and sample `task`'s files for `length`; raises on a missing file or a malformed line."""
+# LongQA / summarization read the same files at every length: what was read and sampled is kept for the next one.
+_LONGDOC_READ: dict[tuple, tuple[list[dict], list[dict]]] = {}
+
+
+def _load_longdoc(task: str, files: dict[str, Path], samples: int, seed: int, tokenizer) -> tuple[list, list]:
+    stamp = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files.values() if f.is_file())
+    key = (task, stamp, samples, seed, id(tokenizer), len(tokenizer))
+    if key not in _LONGDOC_READ:
+        if len(_LONGDOC_READ) >= 8:
+            _LONGDOC_READ.clear()
+        _LONGDOC_READ[key] = longdoc.load_longdoc(task, files, samples, seed, tokenizer)
+    return _LONGDOC_READ[key]
+
+
+def load_helmet_task(
+    task: str,
+    helmet_dir: str | Path,
+    length: int,
+    samples: int,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> HelmetTaskData:
+    """Read, check and sample `task`'s files for `length`; raises on a missing file or a malformed line.
+    `tokenizer` (the evaluation's) is needed by the LongQA / summarization tasks, which keep long documents only."""
+    if task in ruler_files.FILE_TASKS:  # HELMET's RULER files: one test file, HELMET's sampling
+        return HelmetTaskData(task, length, seed, ruler_files.read_task(task, helmet_dir, length, samples, seed))
     root = hf.resolve_helmet_dir(helmet_dir)
-    files = {role: root / rel for role, rel in hf.task_files(task, length).items()}
+    files = {role: hf.locate(root, rel) for role, rel in hf.task_files(task, length).items()}
+    if task in longdoc.TASKS:
+        if tokenizer is None:
+            raise TypeError(f"load_helmet_task({task!r}) needs the tokenizer: it keeps long documents only")
+        records, pool = _load_longdoc(task, files, samples, seed, tokenizer)
+        return HelmetTaskData(task, length, seed, list(records), list(pool))
+    if task in citations.TASKS:
+        records, prompt_file = citations.load_alce(task, files, samples, seed)
+        return HelmetTaskData(task, length, seed, records, prompt_file=prompt_file)
     if task == "helmet_json_kv":
         records = hf.read_jsonl(files["test"], hf.check_json_kv)
-        return HelmetTaskData(task, length, seed, _shuffled(records, samples, seed))
+        return HelmetTaskData(task, length, seed, _hf_shuffled(records, seed)[:samples])  # HELMET's selection
     if task in hf.RAG_FILES:
         popqa = "popqa" in task
         test = hf.read_jsonl(files["test"], lambda r: hf.check_rag(r, popqa))
@@ -108,8 +145,10 @@ def load_helmet_task(task: str, helmet_dir: str | Path, length: int, samples: in
         train = hf.read_jsonl(files["train"], hf.check_icl)
         test = hf.read_jsonl(files["test"], hf.check_icl)
         labels = sorted({r["label"] for r in train + test}, key=lambda x: (isinstance(x, str), x))
-        return HelmetTaskData(task, length, seed, _shuffled(test, samples, seed), train, labels=labels)
-    raise ValueError(f"unknown HELMET task {task!r}; known: {list(hf.HELMET_TASKS)}")
+        if len(test) > samples:  # HELMET: shuffle, then a label-balanced draw of `samples` test items
+            test = balance_labels(_hf_shuffled(test, seed), samples, random.Random(seed))
+        return HelmetTaskData(task, length, seed, test, train, labels=labels)
+    raise ConfigError(f"unknown HELMET task {task!r}; known: {list(hf.HELMET_TASKS)}")
 
 
 def _pick_demos(pool: list[dict], key: str, item_key: str, exclude_self: bool, shots: int) -> list[dict]:
@@ -195,21 +234,39 @@ def _parts_for(task: str):
         return _rerank_parts
     if task in hf.ICL_TASKS:
         return _icl_parts
-    raise ValueError(f"unknown HELMET task {task!r}; known: {list(hf.HELMET_TASKS)}")
+    if task in ruler_files.FILE_TASKS:
+        return ruler_files.file_parts
+    if task in longdoc.TASKS:
+        return lambda data, record, shots: longdoc.longdoc_parts(data.task, data.demos, record, data.seed, shots)
+    if task in citations.TASKS:
+        return lambda data, record, shots: citations.alce_parts(
+            data.task, data.prompt_file, record, data.length, data.seed, shots
+        )
+    raise ConfigError(f"unknown HELMET task {task!r}; known: {list(hf.HELMET_TASKS)}")
 
 
 def build_helmet_example(
-    data: HelmetTaskData, index: int, tokenizer: PreTrainedTokenizerBase, budget: int, shots: int = 2
+    data: HelmetTaskData,
+    index: int,
+    tokenizer: PreTrainedTokenizerBase,
+    budget: int,
+    shots: int = 2,
+    chat: bool = False,
 ) -> EvalExample:
-    """The prompt of test item `index`, cut to at most `budget` tokens (context only)."""
+    """The prompt of test item `index`, cut to at most `budget` tokens (context only); with `chat`, rendered in
+    the tokenizer's chat template (HELMET's `use_chat_template`)."""
     record = data.records[index]
     user, prefix, context, target, meta = _parts_for(data.task)(data, record, shots)
+    if data.task in longdoc.TASKS:  # HELMET's first cut of the document, to the length in its dataset names
+        context = prompts.cut_document(tokenizer, context, budget - longdoc.RESERVE[data.task])
+    sep = longdoc.SEPARATOR.get(data.task, "\n\n" if data.task in citations.TASKS else "\n")
     prompt, ids, kept = prompts.truncate_context(
         tokenizer,
-        lambda ctx: prompts.completion_prompt(user(context=ctx), prefix),
+        lambda ctx: prompts.render_prompt(tokenizer, user(context=ctx), prefix, chat, sep),
         context,
         budget,
         f"{data.task}@{data.length}",
+        chat=chat,
     )
     meta.update(context_chars=len(context), kept_context_chars=len(kept))
     return EvalExample(

@@ -16,6 +16,13 @@ Files per task (K is the number of passages / pairs of the file for each HELMET 
   `msmarco/test_reranking_data_k10_dep3.jsonl`.
 - `icl_<name>` (name: trec_coarse, trec_fine, banking77, clinic150, nlu): `icl/<name>/test.jsonl` and
   `icl/<name>/train.jsonl`, our own schema (below).
+- Long-document QA and summarization (HELMET loads these from the HF hub; here they are local exports of those
+  datasets, one file for every length; schemas in `longdoc`): `narrativeqa/{test,train}.jsonl`,
+  `infbench/longbook_{qa,choice,sum}_eng.jsonl` (InfiniteBench's own file names), and
+  `multi_lexsum/{validation,train}.jsonl`.
+- Citations (ALCE; schemas in `citations`): `alce/{asqa,qampari}_eval_gtr_top2000.json` from HELMET's tarball, and
+  the prompt file `prompts/{asqa,qampari}_revised.json` from HELMET's repository, looked for in this folder and
+  then in its parent (a HELMET checkout holds `prompts/` next to `data/`).
 
 Line schemas (one JSON object per line; extra fields are ignored):
 
@@ -39,6 +46,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+
+from prolong_lit.errors import ConfigError, DataError
 
 HELMET_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 JSON_KV_K = dict(zip(HELMET_LENGTHS, (50, 105, 220, 440, 900, 1800)))
@@ -65,7 +74,19 @@ RAG_FILES = {  # task -> (test file pattern, demo file)
     "kilt_popqa_3": ("kilt/popqa_test_1000_k{k}_dep6.jsonl", "kilt/popqa_test_1000_k3_dep6.jsonl"),
 }
 ICL_TASKS = {f"icl_{name}": name for name in ICL_SHOTS}
-HELMET_TASKS = ("helmet_json_kv", *RAG_FILES, "msmarco_rerank_psg", *ICL_TASKS)
+# Tasks with one set of files for every length (role -> path); the context is cut to each length instead.
+LONGDOC_FILES = {
+    "narrativeqa": {"test": "narrativeqa/test.jsonl", "train": "narrativeqa/train.jsonl"},
+    "infbench_qa_eng": {"test": "infbench/longbook_qa_eng.jsonl"},
+    "infbench_choice_eng": {"test": "infbench/longbook_choice_eng.jsonl"},
+    "infbench_sum_eng": {"test": "infbench/longbook_sum_eng.jsonl"},
+    "multi_lexsum": {"test": "multi_lexsum/validation.jsonl", "train": "multi_lexsum/train.jsonl"},
+}
+ALCE_FILES = {
+    f"alce_{name}": {"test": f"alce/{name}_eval_gtr_top2000.json", "prompt": f"prompts/{name}_revised.json"}
+    for name in ("asqa", "qampari")
+}
+HELMET_TASKS = ("helmet_json_kv", *RAG_FILES, "msmarco_rerank_psg", *ICL_TASKS, *LONGDOC_FILES, *ALCE_FILES)
 
 
 def helmet_length(length: int) -> int:
@@ -94,7 +115,20 @@ def task_files(task: str, length: int) -> dict[str, str]:
         }
     if task in ICL_TASKS:
         return {"test": f"icl/{ICL_TASKS[task]}/test.jsonl", "train": f"icl/{ICL_TASKS[task]}/train.jsonl"}
-    raise ValueError(f"unknown HELMET task {task!r}; known: {list(HELMET_TASKS)}")
+    if task in LONGDOC_FILES:
+        return dict(LONGDOC_FILES[task])
+    if task in ALCE_FILES:
+        return dict(ALCE_FILES[task])
+    raise ConfigError(f"unknown HELMET task {task!r}; known: {list(HELMET_TASKS)}")
+
+
+def locate(root: Path, rel: str) -> Path:
+    """`root / rel`, or for HELMET's `prompts/` files (kept in its repository, not its data tarball) the same path
+    in `root`'s parent when `root` lacks it."""
+    path = root / rel
+    if not path.is_file() and rel.startswith("prompts/") and (root.parent / rel).is_file():
+        return root.parent / rel
+    return path
 
 
 # ---- line schemas: each checker returns None when the record is fine, else what is wrong -----------------------
@@ -161,32 +195,98 @@ def check_icl(r: Mapping) -> str | None:
     return None if ok else "field 'label' must be an int class id or a string class name"
 
 
+def _decode(raw: bytes, path: Path, lineno: int) -> tuple[str | None, str | None]:
+    """(text, None) for a UTF-8 line, else (None, the error naming file:line)."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        return None, f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+
+
+def _parse_line(text: str, path: Path, lineno: int, check: Callable[[Mapping], str | None]):
+    """(record, None) for a well-formed line, else (None, the error naming file:line)."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})"
+    except RecursionError:
+        return None, f"{path}:{lineno}: JSON nested too deeply"
+    problem = "not a JSON object" if not isinstance(record, dict) else check(record)
+    return (None, f"{path}:{lineno}: {problem}") if problem else (record, None)
+
+
+def _raise_errors(errors: list[str]) -> None:
+    if errors:
+        raise DataError("malformed HELMET data:\n  " + "\n  ".join(errors))
+
+
 def read_jsonl(path: Path, check: Callable[[Mapping], str | None], max_errors: int = 5) -> list[dict]:
-    """All records of a JSON-lines file; a bad line raises ValueError naming `file:line` (up to `max_errors`)."""
+    """All records of a JSON-lines file; a bad line (not UTF-8, not JSON, not the schema) raises DataError naming
+    `file:line` (up to `max_errors` of them)."""
     if not path.is_file():
-        raise FileNotFoundError(f"HELMET file {path} does not exist")
+        raise DataError(f"HELMET file {path} does not exist")
     records, errors = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                errors.append(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})")
-            else:
-                problem = "not a JSON object" if not isinstance(record, dict) else check(record)
-                if problem:
-                    errors.append(f"{path}:{lineno}: {problem}")
-                else:
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is reported, not a crash of the whole read
+        for lineno, raw in enumerate(f, start=1):
+            text, problem = _decode(raw, path, lineno)
+            if text is not None and text.strip():
+                record, problem = _parse_line(text, path, lineno, check)
+                if record is not None:
                     records.append(record)
+            if problem:
+                errors.append(problem)
             if len(errors) >= max_errors:
                 break
-    if errors:
-        raise ValueError("malformed HELMET data:\n  " + "\n  ".join(errors))
+    _raise_errors(errors)
     if not records:
-        raise ValueError(f"{path}: the file holds no records")
+        raise DataError(f"{path}: the file holds no records")
     return records
+
+
+def read_json_list(path: Path, check: Callable[[Mapping], str | None], max_errors: int = 5) -> list[dict]:
+    """The records of a file holding one JSON array of objects (ALCE's `.json` files); a bad item raises
+    DataError naming the file and the item (a syntax error: its line)."""
+    if not path.is_file():
+        raise DataError(f"HELMET file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"malformed HELMET data:\n  {path}:{line}: not UTF-8 text") from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"malformed HELMET data:\n  {path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if isinstance(items, dict) and isinstance(items.get("data"), list):
+        items = items["data"]  # HELMET reads `.json` files with field="data" when they have one
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON array of records")
+    errors = []
+    for i, item in enumerate(items):
+        problem = "not a JSON object" if not isinstance(item, dict) else check(item)
+        if problem:
+            errors.append(f"{path}: item {i}: {problem}")
+        if len(errors) >= max_errors:
+            break
+    _raise_errors(errors)
+    if not items:
+        raise DataError(f"{path}: the file holds no records")
+    return items
+
+
+def read_json_object(path: Path, check: Callable[[Mapping], str | None]) -> dict:
+    """A file holding one JSON object (HELMET's ALCE prompt files), checked by `check`."""
+    if not path.is_file():
+        raise DataError(f"HELMET file {path} does not exist")
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a UTF-8 JSON file ({err})") from None
+    problem = "not a JSON object" if not isinstance(record, dict) else check(record)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return record
 
 
 def write_icl_jsonl(
@@ -198,7 +298,7 @@ def write_icl_jsonl(
         row = {"text": record[text_field], "label": record[label_field]}
         problem = check_icl(row)
         if problem:
-            raise ValueError(
+            raise DataError(
                 f"record {i} of the ICL data: {problem} (text_field={text_field!r}, label_field={label_field!r})"
             )
         rows.append(row)

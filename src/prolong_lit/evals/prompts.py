@@ -1,9 +1,14 @@
-"""HELMET's completion-style prompts (its `data.py`) and its context truncation.
+"""HELMET's prompts (its `data.py`), with or without the tokenizer's chat template, and its context truncation.
 
-Every prompt is `user_template + "\\n" + answer_prefix`: the model completes the answer prefix, which forces the
-answer format even for a base model (HELMET runs recall/RAG/re-rank/ICL without a chat template). Only the
-context (the JSON object, the passages, the demonstrations of ICL, the haystack) is ever cut; instructions, the
-question and the few-shot demonstrations of the other tasks are never touched.
+Without a chat template a prompt is `user_template + sep + answer_prefix` (sep is "\\n", or "\\n\\n" for
+InfBench, Multi-LexSum and ALCE): the model completes the answer prefix, which forces the answer format even for a
+base model (HELMET runs recall/RAG/re-rank/ICL/RULER this way by default). With a chat template (`render_prompt(...,
+chat=True)`, HELMET's `use_chat_template`) the user turn is `user_template` alone, there is no system message
+(HELMET's default), the template's generation prompt opens the assistant turn, and the rendered text is encoded
+without adding special tokens again (the template writes BOS itself).
+
+Only the context (the JSON object, the passages, the document, the demonstrations of ICL, the haystack) is ever
+cut; instructions, the question and the few-shot demonstrations of the other tasks are never touched.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
+
+from prolong_lit.errors import ConfigError
 
 # JSON KV (HELMET, after lost-in-the-middle's kv_retrieval prompt).
 JSON_KV_USER = (
@@ -63,15 +70,91 @@ ICL_USER = (
 ICL_PREFIX = "label:"
 ICL_ITEM = "{text}\nlabel: {label}"
 
+# Long-document QA (NarrativeQA, InfiniteBench) and summarization (InfiniteBench, Multi-LexSum): HELMET's wording.
+NARRATIVEQA_USER = (
+    "You are given a story, which can be either a novel or a movie script, and a question. Answer the question as "
+    "concisely as you can, using a single phrase if possible.\n\n{demo}{context}\n\nQuestion: {question}"
+)
+NARRATIVEQA_DEMOS = "For example:\n\n{demos}\n\nNow, use the following story to answer the question:\n\n"
+QA_DEMO = "Question: {question}\nAnswer: {answer}"
+INFBENCH_QA_USER = (
+    "You are given a story and a question. Answer the question as concisely as you can, using a single phrase if "
+    "possible.\n\n{demo}{context}\n\nQuestion: {question}"
+)
+INFBENCH_CHOICE_USER = (
+    "You are given a story and a question with multiple choices. Choose the best answer from the options provided. "
+    "Only one of the following options is correct, output the answer using one single letter (A, B, C, or D). "
+    "Don't say anything else.\n\n{demo}{context}\n\nQuestion: {question}\nOptions:\n{options}"
+)
+INFBENCH_SUM_USER = (
+    "You are given a book and you are tasked to summarize it. Write a summary of about 1000 to 1200 words. Only "
+    "write about the plot and characters of the story. Do not discuss the themes or background of the book. Do not "
+    "provide any analysis or commentary.\n\n{demo}{context}\n\nNow summarize the book."
+)
+INFBENCH_DEMOS = "For example:\n\n{demos}\n\nNow, read the following story:\n\n"
+INFBENCH_QA_DEMO = "[story text]\nQuestion: {question}\nAnswer: {answer}"
+INFBENCH_CHOICE_DEMO = "[story text]\nQuestion: {question}\nOptions:\n{options}\nAnswer: {answer}"
+INFBENCH_SUM_DEMO = "[story text]\nSummary: {answer}"
+CHOICE_OPTIONS = "A. {}\nB. {}\nC. {}\nD. {}"
+MULTI_LEXSUM_USER = (
+    "You are given the legal documents in a civil rights lawsuit, and you are tasked to summarize the case. Write a "
+    "concise summary of one paragraph (200 to 250 words). The summary should contain a short description of the "
+    "background, the parties involved, and the outcomes of the case.\n\n{demo}Legal documents:\n{context}\n\n"
+    "Now please summarize the case."
+)
+MULTI_LEXSUM_DEMOS = "Example summaries:\n\n{demos}\n\nNow, write a summary of the following legal documents.\n"
+SUMMARY_DEMO = "Summary: {answer}"
+SUMMARY_PREFIX = "Summary:"
+ANSWER_PREFIX = "Answer:"
+# What HELMET appends to a document it shortened to the length of the dataset's name (its `truncate_llama2`).
+OMITTED = " ... [the rest of the text is omitted]"
 
-def completion_prompt(user: str, answer_prefix: str) -> str:
-    """HELMET's prompt without a chat template: the user text, a newline, then the answer prefix to complete."""
-    return user + "\n" + answer_prefix
+# ALCE (citations): instruction, demo and document formats come from HELMET's prompt file; this is the frame.
+ALCE_USER = "{demo_text}{instruction}\n\nQuestion: {question}\n\n{context}"
+ALCE_DEMO_SEP = "\n\n\n"
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """The prompt's token ids as the model sees them (special tokens such as BOS included)."""
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+def completion_prompt(user: str, answer_prefix: str, sep: str = "\n") -> str:
+    """HELMET's prompt without a chat template: the user text, `sep`, then the answer prefix to complete."""
+    return user + sep + answer_prefix
+
+
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase, user: str, answer_prefix: str, chat: bool, sep: str = "\n"
+) -> str:
+    """The prompt text: the completion prompt, or with `chat` the user turn in the tokenizer's chat template with
+    the assistant turn opened (no system message, as HELMET's default)."""
+    if not chat:
+        return completion_prompt(user, answer_prefix, sep)
+    messages = [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str, chat: bool = False) -> list[int]:
+    """The prompt's token ids as the model sees them: BOS added to a completion prompt; a chat-rendered prompt
+    already holds it, so nothing is added."""
+    return tokenizer(text, add_special_tokens=not chat)["input_ids"]
+
+
+def cut_document(tokenizer: PreTrainedTokenizerBase, context: str, max_tokens: int) -> str:
+    """HELMET's first cut of a long document (LongQA, summarization): a document over `max_tokens` tokens keeps its
+    first `max_tokens - len(OMITTED)` tokens followed by `OMITTED`, about `max_tokens` tokens in all.
+
+    HELMET measures this with the Llama-2 tokenizer; here it is the evaluation's tokenizer (lengths are counted
+    in it everywhere in this package)."""
+    def offsets_of(text: str) -> list:
+        return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+    # Tokenize a generous prefix first (about 8 characters per needed token): the tokens well before its end are
+    # those of the whole text, so a document far over the limit is never tokenized whole.
+    head = context[: 8 * (max_tokens + 2)]
+    offsets = offsets_of(head)
+    if len(offsets) <= max_tokens + 1 and len(head) < len(context):
+        offsets = offsets_of(context)
+    if len(offsets) <= max_tokens:  # exact here: a prefix with this few tokens was replaced by the whole text
+        return context
+    keep = max(max_tokens - len(tokenizer(OMITTED, add_special_tokens=False)["input_ids"]), 0)
+    return context[: offsets[keep - 1][1]] + OMITTED if keep else OMITTED
 
 
 def json_kv_demos(pairs: Sequence[tuple[str, str]]) -> str:
@@ -123,18 +206,20 @@ def truncate_context(
     context: str,
     budget: int,
     what: str,
+    chat: bool = False,
 ) -> tuple[str, list[int], str]:
     """Cut `context` from its end until `render(context)` has at most `budget` tokens (HELMET's rule).
 
     The cut is made at the token offsets of the context, then the prompt is rendered and measured again (a cut can
     merge tokens at the seam, so this repeats until it fits). `what` names the task for the error raised when the
-    instructions, demonstrations and question alone exceed the budget. Returns (prompt, input_ids, context).
+    instructions, demonstrations and question alone exceed the budget; `chat` says `render` gives a chat-rendered
+    prompt (encoded without adding BOS again). Returns (prompt, input_ids, context).
     """
     prompt = render(context)
-    ids = encode(tokenizer, prompt)
+    ids = encode(tokenizer, prompt, chat)
     while len(ids) > budget:
         if not context:
-            raise ValueError(
+            raise ConfigError(
                 f"{what}: the prompt without any context already has {len(ids)} tokens, more than the budget of "
                 f"{budget}; evaluate at a larger length"
             )
@@ -143,5 +228,5 @@ def truncate_context(
         cut = offsets[len(offsets) - excess][0] if excess < len(offsets) else 0
         context = context[: min(cut, len(context) - 1)]
         prompt = render(context)
-        ids = encode(tokenizer, prompt)
+        ids = encode(tokenizer, prompt, chat)
     return prompt, ids, context

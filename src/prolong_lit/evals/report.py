@@ -2,7 +2,9 @@
 
 `write_report(results, out_dir)` writes
 - `eval_results.json`: `EvalResults.to_dict()` (schema in `results`),
-- `eval_report.md`: category averages, a task x length score table, per-depth tables of needle tasks, generation cost,
+- `eval_report.md`: HELMET's length x (category, task) table, a task x length score table, per-depth tables of needle
+  tasks, generation cost,
+- `helmet_table.csv` / `helmet_table.md`: HELMET's results table alone (`table`),
 - `score_vs_length.png`: one line per task, score (0-100) against length (log2 axis),
 - `needle_<task>.png`: for every task with depths, a heatmap of score by depth (rows) x length (columns).
 
@@ -22,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from prolong_lit.evals.results import EvalResults
+from prolong_lit.evals.table import render_table_markdown, write_tables
 
 
 def _fmt(score: float | None) -> str:
@@ -35,10 +38,8 @@ def _length_label(length: int) -> str:
 def render_markdown(results: EvalResults, title: str = "Long-context evaluation") -> str:
     lengths = sorted({n for by_length in results.scores.values() for n in by_length})
     lines = [f"# {title}", ""]
-    if results.categories:
-        lines += ["| category | score |", "|---|---|"]
-        lines += [f"| {c} | {_fmt(s)} |" for c, s in results.categories.items()]
-        lines.append("")
+    if results.category_scores or results.incomplete_categories:
+        lines += ["## HELMET categories (per length, and the mean over lengths)", "", render_table_markdown(results)]
     lines += ["| task | category | metric | " + " | ".join(_length_label(n) for n in lengths) + " |"]
     lines.append("|---|---|---|" + "---|" * len(lengths))
     for task, by_length in results.scores.items():
@@ -156,7 +157,8 @@ def write_report(
     """
     out = Path(out_dir)
     figures = make_figures(results)
-    paths = {"json": out / "eval_results.json", "markdown": out / "eval_report.md"}
+    paths = {"json": out / "eval_results.json", "markdown": out / "eval_report.md",
+             "csv": out / "helmet_table.csv", "table": out / "helmet_table.md"}
     for name in figures:
         paths[name] = out / (name.replace("needle/", "needle_") + ".png")
     existing = [str(p) for p in paths.values() if p.exists()]
@@ -167,6 +169,7 @@ def write_report(
         json.dumps(_nan_to_none(results.to_dict()), indent=1, ensure_ascii=False), encoding="utf-8"
     )
     paths["markdown"].write_text(render_markdown(results, title), encoding="utf-8")
+    write_tables(results, out)
     for name, fig in figures.items():
         fig.savefig(paths[name])
     return paths

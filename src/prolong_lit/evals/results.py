@@ -1,5 +1,7 @@
 """The data the evaluation passes around: one prompt (`EvalExample`) and the outcome of a run (`EvalResults`).
 
+Categories follow HELMET's `collect_results` (`categories`): only complete categories have scores.
+
 Scores in `EvalResults` are on HELMET's 0-100 scale (the torchmetrics `Metric`s compute fractions in [0, 1]).
 
 `EvalResults.to_dict()` is the JSON file the report writer saves (`eval_results.json`):
@@ -7,7 +9,10 @@ Scores in `EvalResults` are on HELMET's 0-100 scale (the torchmetrics `Metric`s 
     {
       "scores":       {"<task>": {"<length>": score}},              # 0-100
       "depth_scores": {"<task>": {"<length>": {"<depth>": score}}}, # tasks whose examples carry a depth
-      "categories":   {"<category>": score},                        # mean over the category's task@length scores
+      "categories":   {"<category>": score},                        # HELMET category, mean over the lengths
+      "category_scores": {"<category>": {"<length>": score}},       # HELMET category per length (`categories`)
+      "incomplete_categories": {"<category>": ["<missing slot>"]},  # categories some of whose tasks did not run
+      "metric_scores": {"<task>": {"<metric>": {"<length>": score}}},  # metrics besides a task's main one
       "task_categories": {"<task>": "<category>"},
       "task_metrics": {"<task>": "<metric name>"},
       "num_examples": {"<task>": {"<length>": n}},
@@ -54,23 +59,36 @@ class EvalResults:
     generation: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
+    category_scores: dict[str, dict[int, float]] = field(default_factory=dict)
+    incomplete_categories: dict[str, list[str]] = field(default_factory=dict)
+    metric_scores: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
 
     def flat(self, prefix: str = "eval") -> dict[str, float]:
-        """Scalars for a logger: `{prefix}/<task>@<length>` and `{prefix}/<category>`; NaN scores left out."""
+        """Scalars for a logger: `{prefix}/<task>@<length>`, `{prefix}/category/<category>@<length>` and
+        `{prefix}/category/<category>` (the mean over the lengths); NaN scores and incomplete categories left out."""
         out: dict[str, float] = {}
         for task, by_length in self.scores.items():
             for length, score in sorted(by_length.items()):
                 if not math.isnan(score):
                     out[f"{prefix}/{task}@{length}"] = float(score)
+        for category, by_length in self.category_scores.items():
+            for length, score in sorted(by_length.items()):
+                if not math.isnan(score):
+                    out[f"{prefix}/category/{category}@{length}"] = float(score)
         for category, score in self.categories.items():
             if not math.isnan(score):
-                out[f"{prefix}/{category}"] = float(score)
+                out[f"{prefix}/category/{category}"] = float(score)
         return out
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["scores"] = {t: {str(k): v for k, v in d.items()} for t, d in self.scores.items()}
         data["num_examples"] = {t: {str(k): v for k, v in d.items()} for t, d in self.num_examples.items()}
+        data["category_scores"] = {c: {str(k): v for k, v in d.items()} for c, d in self.category_scores.items()}
+        data["metric_scores"] = {
+            t: {m: {str(k): v for k, v in d.items()} for m, d in by_metric.items()}
+            for t, by_metric in self.metric_scores.items()
+        }
         data["depth_scores"] = {
             t: {str(length): {str(depth): s for depth, s in by_depth.items()} for length, by_depth in d.items()}
             for t, d in self.depth_scores.items()
@@ -100,4 +118,12 @@ class EvalResults:
             generation=dict(data.get("generation", {})),
             config=dict(data.get("config", {})),
             records=list(data.get("records", [])),
+            category_scores={
+                c: {int(k): cls._score(v) for k, v in d.items()} for c, d in data.get("category_scores", {}).items()
+            },
+            incomplete_categories={c: list(v) for c, v in data.get("incomplete_categories", {}).items()},
+            metric_scores={
+                t: {m: {int(k): cls._score(v) for k, v in d.items()} for m, d in by_metric.items()}
+                for t, by_metric in data.get("metric_scores", {}).items()
+            },
         )

@@ -6,6 +6,9 @@ line of every HELMET file well-formed); (2) per task and length, this rank build
 turned into per-depth scores and category averages. Torchmetrics states give the task@length scores, reduced
 over ranks.
 
+Every prompt, generated or read, has at most L - (the task's generation length) tokens, HELMET's input budget.
+Category scores follow HELMET's `collect_results` (`categories.aggregate`; incomplete categories get none).
+
 Synthetic tasks have `samples_per_task` examples per task@length, the depths taken in turn (example i has depth
 depths[i % len(depths)]). HELMET tasks sample as HELMET does (see `helmet`).
 
@@ -16,15 +19,14 @@ that evaluates on one rank only passes `distributed=False`.
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from prolong_lit.evals import categories, registry
 from prolong_lit.evals import distributed as ev_dist
-from prolong_lit.evals import registry
 from prolong_lit.evals.generation import GenerationStats, greedy_generate, stop_token_ids
 from prolong_lit.evals.helmet import HelmetData, HelmetTaskData, build_helmet_example, load_helmet_task
 from prolong_lit.evals.metrics import build_metric
@@ -45,13 +47,42 @@ def _build(
     helmet: HelmetTaskData | None,
     budget: int,
     enabled: bool,
+    chat: bool = False,
 ) -> list[EvalExample]:
-    """This rank's examples of `spec` at `length`."""
+    """This rank's examples of `spec` at `length` (`chat`: prompts in the tokenizer's chat template)."""
     if spec.source == "synthetic":
         slots = ev_dist.shard(range(samples), enabled)
-        return [build_synthetic_example(spec.name, tokenizer, length, depths[i % len(depths)], i, seed) for i in slots]
+        extra = {"chat": True} if chat else {}  # checked by check_settings: refused where unsupported
+        return [
+            build_synthetic_example(spec.name, tokenizer, length, depths[i % len(depths)], i, seed, budget, **extra)
+            for i in slots
+        ]
     slots = ev_dist.shard(range(len(helmet.records)), enabled)
-    return [build_helmet_example(helmet, i, tokenizer, budget) for i in slots]
+    return [build_helmet_example(helmet, i, tokenizer, budget, chat=chat) for i in slots]
+
+
+def _metric_scores(records: list[dict]) -> dict[str, dict[str, dict[int, float | None]]]:
+    """task -> metric -> length -> 100 x the mean of the records' `metrics` (the metrics besides the main one).
+    A metric some record could not compute (None) is None: "not computed", never 0; a metric only some records
+    have (ALCE's citation scores skip outputs without a sentence) is averaged over those."""
+    groups: dict = defaultdict(list)
+    for r in records:
+        for name, value in (r.get("metrics") or {}).items():
+            groups[(r["task"], name, r["length"])].append(value)
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    for (task, name, length), values in sorted(groups.items()):
+        known = all(v is not None for v in values)
+        out[task][name][length] = 100.0 * sum(values) / len(values) if known else None
+    return {t: dict(m) for t, m in out.items()}
+
+
+def _nli_judge(settings: EvalSettings, specs: list[registry.TaskSpec], device):
+    """The NLI model of the citation scores, loaded when a cite task runs and `nli_model_dir` is set."""
+    if settings.nli_model_dir is None or not any(s.category == "cite" for s in specs):
+        return None
+    from prolong_lit.evals.nli import NLIModel
+
+    return NLIModel(settings.nli_model_dir, device=device)
 
 
 def _target_json(target):
@@ -101,7 +132,8 @@ def run_evaluation(
     enabled = ev_dist.resolve(distributed)
     given = helmet_data or {}
     helmet_data = {
-        (s.name, n): given.get((s.name, n)) or load_helmet_task(s.name, helmet_dir, n, samples_per_task, seed)
+        (s.name, n): given.get((s.name, n))
+        or load_helmet_task(s.name, helmet_dir, n, settings.samples_for(s.name), seed, tokenizer)
         for s in specs
         if s.source == "helmet"
         for n in lengths
@@ -113,6 +145,7 @@ def run_evaluation(
     scores: dict[str, dict[int, float]] = defaultdict(dict)
     counts: dict[str, dict[int, int]] = defaultdict(dict)
     local_records: list[dict] = []
+    nli = _nli_judge(settings, specs, device)
     was_training = model.training
     model.eval()
     try:
@@ -125,18 +158,19 @@ def run_evaluation(
                     tokenizer,
                     length,
                     depths,
-                    samples_per_task,
+                    settings.samples_for(spec.name),
                     seed,
                     helmet_data.get((spec.name, length)),
                     length - max_new,
                     enabled,
+                    settings.chat_for(spec),
                 )
                 generated, batch_stats = greedy_generate(
                     model, [e.input_ids for e in examples], max_new, stop, pad_id, batch_size, use_cache, enabled
                 )
                 stats.add(batch_stats)
                 outputs = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-                metric = build_metric(spec.metric, spec.answer_prefix, sync_on_compute=enabled).to(device)
+                metric = build_metric(spec.metric, spec.answer_prefix, nli=nli, sync_on_compute=enabled).to(device)
                 metric.update(outputs, [e.target for e in examples])
                 for example, output in zip(examples, outputs):
                     local_records.append(
@@ -149,6 +183,7 @@ def run_evaluation(
                             "score": metric.score_one(output, example.target),
                             "prompt_tokens": len(example.input_ids),
                             "target": _target_json(example.target),
+                            "metrics": metric.details(output, example.target, example.meta),
                         }
                     )
                 scores[spec.name][length] = 100.0 * float(metric.compute())
@@ -163,12 +198,17 @@ def run_evaluation(
     for task, by_length in counts.items():  # the per-rank counts become global ones
         for length in by_length:
             by_length[length] = sum(1 for r in records if r["task"] == task and r["length"] == length)
+    metric_scores = _metric_scores(records)
+    grouped = categories.aggregate(scores, {s.name: s.metric for s in specs}, metric_scores)
     return EvalResults(
         scores=dict(scores),
         depth_scores=_depth_scores(records),
-        categories=_categories(specs, scores),
+        categories=grouped.average,
+        category_scores=grouped.by_length,
+        incomplete_categories=grouped.missing,
         task_categories={s.name: s.category for s in specs},
         task_metrics={s.name: s.metric for s in specs},
+        metric_scores=metric_scores,
         num_examples=dict(counts),
         generation=_merge_stats(stats, enabled),
         config={
@@ -176,24 +216,18 @@ def run_evaluation(
             "lengths": list(lengths),
             "depths": list(depths),
             "samples_per_task": samples_per_task,
+            "task_samples": dict(settings.task_samples),
             "seed": seed,
             "batch_size": batch_size,
             "use_cache": use_cache,
             "max_new_tokens": max_new_tokens,
             "helmet_dir": None if helmet_dir is None else str(helmet_dir),
+            "use_chat_template": settings.use_chat_template,
+            "chat_tasks": [s.name for s in specs if settings.chat_for(s)],
+            "nli_model_dir": settings.nli_model_dir,
         },
         records=records if keep_records else [],
     )
-
-
-def _categories(specs: list[registry.TaskSpec], scores: dict[str, dict[int, float]]) -> dict[str, float]:
-    """HELMET's category score: the mean over the category's datasets and lengths."""
-    out = {}
-    for category in registry.CATEGORIES:
-        values = [v for s in specs if s.category == category for v in scores[s.name].values() if not math.isnan(v)]
-        if values:
-            out[category] = sum(values) / len(values)
-    return out
 
 
 def _merge_stats(stats: GenerationStats, enabled: bool) -> dict:

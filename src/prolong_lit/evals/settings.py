@@ -11,12 +11,16 @@ line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from prolong_lit.errors import ConfigError, DataError, MissingPathError, UserError
 from prolong_lit.evals.helmet import HelmetData, load_helmet_task
-from prolong_lit.evals.registry import validate_request
+from prolong_lit.evals.registry import TaskSpec, validate_request
+from prolong_lit.evals.synthetic import build_synthetic_example
 
 # The synthetic recall tasks: they need no files, so an evaluation works on any run out of the box.
 DEFAULT_TASKS = ("ruler_niah_s_1", "ruler_niah_mk_2", "ruler_niah_mk_3", "ruler_niah_mv", "json_kv")
@@ -37,6 +41,14 @@ class EvalSettings:
         batch_size: prompts decoded together; 1 avoids padded attention at long lengths.
         max_new_tokens: caps every task's generation length; None: HELMET's per-task lengths.
         use_cache: decode with a KV cache; false re-runs the whole sequence per token (benchmarks only).
+        use_chat_template: put each prompt in the tokenizer's chat template (as HELMET evaluates instruct models);
+            None: HELMET's per-task default (on for longqa, summ and cite, off for the others); false for a base
+            model, as HELMET's README says.
+        nli_model_dir: a local NLI model directory (HELMET: google/t5_xxl_true_nli_mixture) for the citation
+            recall/precision of the cite tasks; None: those two are reported as not computed.
+        task_samples: per-task sample counts that replace samples_per_task (e.g. {icl_nlu: 500}).
+        preset: `helmet`: HELMET's suite (its tasks that are registered, the file versions where both exist),
+            lengths 8K-128K, 100 samples per task and 500 per ICL task; it fills every field left at its default.
     """
 
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
@@ -48,34 +60,64 @@ class EvalSettings:
     batch_size: int = 1
     max_new_tokens: int | None = None
     use_cache: bool = True
+    use_chat_template: bool | None = None
+    nli_model_dir: str | None = None
+    task_samples: dict[str, int] = field(default_factory=dict)
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         # Only what is wrong whatever the model; the messages start with the field's name, like check_settings'.
+        if self.preset is not None:
+            _apply_preset(self)
+        self.task_samples = dict(self.task_samples)
+        bad = {k: v for k, v in self.task_samples.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            raise ConfigError(f"task_samples: give positive integer sample counts, got {bad}")
         self.tasks = list(self.tasks)
         self.depths = [float(d) for d in self.depths]
         if self.lengths is not None:
             self.lengths = list(self.lengths)
         if not self.tasks:
-            raise ValueError("tasks: give at least one evaluation task")
+            raise ConfigError("tasks: give at least one evaluation task")
         if self.lengths is not None and (
             not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in self.lengths)
         ):
-            raise ValueError(f"lengths: give positive integer token counts (or null), got {self.lengths}")
+            raise ConfigError(f"lengths: give positive integer token counts (or null), got {self.lengths}")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"depths: give needle depths between 0.0 and 1.0, got {self.depths}")
+            raise ConfigError(f"depths: give needle depths between 0.0 and 1.0, got {self.depths}")
         for name in ("samples_per_task", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (or null for each task's own), got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1 (or null for each task's own), got {self.max_new_tokens}")
+
+    def chat_for(self, spec: TaskSpec) -> bool:
+        """Whether `spec`'s prompts go through the chat template: the setting, else the task's HELMET default."""
+        return spec.chat if self.use_chat_template is None else bool(self.use_chat_template)
+
+    def samples_for(self, task: str) -> int:
+        """Examples (synthetic) or test items (HELMET files) of `task` per length."""
+        return self.task_samples.get(task, self.samples_per_task)
 
     def resolved_lengths(self, max_position_embeddings: int | None) -> list[int]:
         """The lengths to evaluate: the given ones, else the model's maximum."""
         if self.lengths:
             return list(self.lengths)
         if max_position_embeddings is None:
-            raise ValueError("lengths: give the evaluation lengths (the model's max_position_embeddings is unknown)")
+            raise ConfigError("lengths: give the evaluation lengths (the model's max_position_embeddings is unknown)")
         return [int(max_position_embeddings)]
+
+
+def _apply_preset(settings: EvalSettings) -> None:
+    """Fill the fields still at their defaults from the named preset (`categories.PRESETS`)."""
+    from prolong_lit.evals.categories import PRESETS  # late: categories reads the registry
+
+    if settings.preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {settings.preset!r}; known: {sorted(PRESETS)}")
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(settings)}
+    for name, value in PRESETS[settings.preset]().items():
+        if getattr(settings, name) == defaults[name]:
+            setattr(settings, name, value)
 
 
 def check_settings(
@@ -93,7 +135,7 @@ def check_settings(
     {(task, length): data}, for the evaluations to use instead of reading the files again.
     """
     if len(tokenizer) > vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"{tokenizer_setting}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{vocab_size}; give the tokenizer the model was trained with"
         )
@@ -104,15 +146,47 @@ def check_settings(
             max_position_embeddings, tokenizer, settings.max_new_tokens,
         )
     except (ValueError, FileNotFoundError) as err:
-        raise type(err)(f"{prefix}{err}") from err
+        raise _named(err, prefix) from err
+    _check_chat_and_nli(settings, specs, tokenizer, prefix)
     try:  # reads every line of every file: a malformed one is reported as file:line
         return {
             (spec.name, length): load_helmet_task(
-                spec.name, settings.helmet_dir, length, settings.samples_per_task, settings.seed
+                spec.name, settings.helmet_dir, length, settings.samples_for(spec.name), settings.seed, tokenizer
             )
             for spec in specs
             if spec.source == "helmet"
             for length in lengths
         }
     except (ValueError, FileNotFoundError) as err:
-        raise type(err)(f"{prefix}helmet_dir: {err}") from err
+        raise _named(err, f"{prefix}helmet_dir: ", DataError) from err
+
+
+def _named(err: Exception, prefix: str, plain: type[UserError] = ConfigError) -> UserError:
+    """`err` with `prefix` before its message, as the user error it is: its own type when it already is one, a
+    MissingPathError for a missing file, else `plain` (a subclass such as UnicodeDecodeError or JSONDecodeError
+    cannot be rebuilt from one message either)."""
+    if isinstance(err, UserError):
+        return type(err)(f"{prefix}{err}")
+    if isinstance(err, FileNotFoundError):
+        return MissingPathError(f"{prefix}{err}")
+    return plain(f"{prefix}{err}")
+
+
+def _check_chat_and_nli(settings: EvalSettings, specs: list[TaskSpec], tokenizer, prefix: str) -> None:
+    chat = [s.name for s in specs if settings.chat_for(s)]
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        given = "true" if settings.use_chat_template else "None, HELMET's default for these tasks"
+        raise ConfigError(
+            f"{prefix}use_chat_template: it is {given}, so {chat} are prompted through the chat template, but the "
+            "tokenizer has none; give a tokenizer with a chat template or set use_chat_template to false"
+        )
+    generated = [s.name for s in specs if s.source == "synthetic" and settings.chat_for(s)]
+    if generated and "chat" not in inspect.signature(build_synthetic_example).parameters:
+        raise ConfigError(
+            f"{prefix}use_chat_template: the generated tasks {generated} are built as completion prompts only "
+            "(as HELMET runs them); set use_chat_template to null (HELMET's per-task default) or false"
+        )
+    if settings.nli_model_dir is not None and not (Path(settings.nli_model_dir) / "config.json").is_file():
+        raise ConfigError(
+            f"{prefix}nli_model_dir: {settings.nli_model_dir} is not a Hugging Face model directory (no config.json)"
+        )

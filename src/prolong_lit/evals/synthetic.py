@@ -1,135 +1,47 @@
-"""Synthetic recall tasks generated from a seed and sized in the model tokenizer's tokens.
+"""Synthetic tasks generated from a seed and sized in the model tokenizer's tokens: JSON KV and all of RULER but QA.
 
-Tasks (names as in HELMET's configs; RULER's generator settings in brackets):
+- `json_kv`: a JSON object of random UUID pairs (HELMET's JSON KV, generated); 2 demonstrations from the object.
+- the eight RULER needle tasks (`ruler_niah_s_1` ... `ruler_niah_mv`), `ruler_vt`, `ruler_cwe`, `ruler_fwe`: as
+  RULER's generators build them (table and facts in `ruler`), with HELMET's prompts. `ruler_qa_1`/`ruler_qa_2` need
+  SQuAD/HotpotQA documents and are read from HELMET's files instead (`ruler_files`).
 
-| task              | haystack [RULER generator]               | key   | value(s)            | HELMET gen len |
-|-------------------|------------------------------------------|-------|---------------------|----------------|
-| `json_kv`         | JSON object of random UUID pairs         | UUID  | UUID                | 100            |
-| `ruler_niah_s_1`  | noise lines [niah_single_1]              | words | 7-digit number      | 50             |
-| `ruler_niah_mk_2` | distractor needles [niah_multikey_2]     | words | 7-digit number      | 50             |
-| `ruler_niah_mk_3` | distractor needles [niah_multikey_3]     | UUID  | UUID                | 100            |
-| `ruler_niah_mv`   | essay-like sentences [niah_multivalue]   | words | 4 x 7-digit numbers | 50             |
+Budget. A prompt is built for a budget B = L - (the task's generation length), HELMET's input budget, so prompt
+plus answer fit the evaluation length L. Needle, JSON KV and vt prompts end within max(1%, 2) tokens below B
+(usually 1; `haystack.fit_layout`); cwe/fwe take the largest word count that fits B (RULER's search).
 
-Length. A prompt built for length L has L tokens (BOS included) within max(1%, 2 tokens), usually within 1:
-the haystack is a stream of units (a JSON pair, a noise line, a sentence, a distractor needle); the generator
-takes as many whole units as fit and then a shortened copy of the next one (a word prefix of a sentence or line;
-a JSON pair whose key and value are UUID prefixes, so the object stays valid JSON). Unit costs are measured once
-in a batch and the whole prompt is tokenized two or three times to correct for merges at the seams (about 1 s
-per 128K-token prompt on one CPU core).
+Depth. The needle tasks and JSON KV place their first gold needle after round(depth * n) of the n whole haystack
+units, so the share of haystack before it is `depth` to within about one unit. Every other needle (the other values
+of `ruler_niah_mv`, the other keys of `ruler_niah_mk_1`/`ruler_niah_mq`) gets its own depth, drawn independently
+from RULER's 40 depths, as RULER places each needle independently. vt places its chain lines at independent random
+lines (in chain order); vt, cwe and fwe examples carry no depth.
 
-Depth. The gold needle (for `ruler_niah_mv`: the block of its 4 needles, in random order) is inserted after
-round(depth * n) of the n whole units, so the share of haystack tokens before it is `depth` to within about one
-unit (plus the shortened unit at the end). JSON KV's two demonstrations are pairs of the same object.
+Haystacks (own text, documented in `wordlists`): RULER's noise line; essay-like sentences instead of Paul Graham's
+essays; `adjective-noun` keys from shorter lists than RULER's wonderwords; cwe's pseudo-words (see `ruler`).
 
-Determinism. Every example is a pure function of (seed, task, length, depth, index), via a SHA-256 seed, so ranks
-build disjoint slices independently and the same seed always gives the same prompts. The gold value(s) occur
-exactly once in the prompt (checked; a draw that breaks this is redrawn).
+Determinism. Every example is a pure function of (seed, task, length, depth, index) via a SHA-256 seed, so ranks
+build disjoint slices independently. Every needle value (and JSON KV's gold value) occurs exactly once in the
+prompt (checked; a draw that breaks this is redrawn).
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import json
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from prolong_lit.evals import prompts, wordlists
+from prolong_lit.errors import ConfigError
+from prolong_lit.evals import prompts, ruler, wordlists
+from prolong_lit.evals.haystack import Layout, count_tokens, fit_layout, stable_seed, stream_size, text_prefixes
 from prolong_lit.evals.results import EvalExample
 
+NIAH_TASKS = ruler.NIAH_TASKS
+SYNTHETIC_TASKS = ("json_kv", *NIAH_TASKS, "ruler_vt", "ruler_cwe", "ruler_fwe")
+NO_DEPTH = ("ruler_vt", "ruler_cwe", "ruler_fwe")
 
-@dataclass(frozen=True)
-class NeedleTask:
-    """One RULER needle variant."""
-
-    haystack: str  # "noise" | "essay" | "needles"
-    key_type: str  # "words" | "uuids"
-    value_type: str  # "numbers" | "uuids"
-    num_values: int = 1
-
-
-RULER_TASKS: dict[str, NeedleTask] = {
-    "ruler_niah_s_1": NeedleTask("noise", "words", "numbers"),
-    "ruler_niah_mk_2": NeedleTask("needles", "words", "numbers"),
-    "ruler_niah_mk_3": NeedleTask("needles", "uuids", "uuids"),
-    "ruler_niah_mv": NeedleTask("essay", "words", "numbers", num_values=4),
-}
-SYNTHETIC_TASKS = ("json_kv", *RULER_TASKS)
-
-
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from any printable parts, identical across processes and Python versions."""
-    digest = hashlib.sha256("|".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def length_tolerance(length: int) -> int:
-    """How far (in tokens) a synthetic prompt may be from its target length: 1%, at least 2 tokens."""
-    return max(2, int(0.01 * length))
-
-
-@dataclass
-class _Layout:
-    """Everything needed to render a prompt with n whole haystack units plus a shortened one."""
-
-    units: list[str]  # the haystack stream
-    joiner: str
-    needles: list[str]  # gold unit(s), inserted as one block at the depth
-    render: Callable[[str], str]  # context -> full prompt
-    partials: Callable[[int], list[str]]  # shortened versions of unit i, shortest first
-    open: str = ""
-    close: str = ""
-
-    def context(self, n: int, depth: float, partial: str | None) -> str:
-        at = round(depth * n)
-        parts = self.units[:at] + self.needles + self.units[at:n] + ([partial] if partial else [])
-        return self.open + self.joiner.join(parts) + self.close
-
-
-def _count(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
-    if not texts:
-        return []
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-def _fit(tokenizer, layout: _Layout, depth: float, target: int, what: str) -> tuple[str, list[int], str]:
-    """Choose the number of units and the shortened last unit so the prompt has `target` tokens."""
-    base = len(prompts.encode(tokenizer, layout.render(layout.context(0, depth, None))))
-    if base > target + length_tolerance(target):
-        raise ValueError(f"{what}: the prompt without any haystack has {base} tokens; use a length of at least {base}")
-    unique = list(dict.fromkeys(layout.units))  # noise/essay streams repeat a few strings
-    cost_of = dict(zip(unique, _count(tokenizer, [layout.joiner + u for u in unique])))
-    cum = [0]
-    for unit in layout.units:
-        cum.append(cum[-1] + cost_of[unit])
-    if base + cum[-1] < target:
-        raise RuntimeError(f"{what}: the haystack stream is too short for {target} tokens (a bug)")
-    # Seams merge tokens (".\n" is one token), so the sum of unit costs is off by a roughly constant factor:
-    # measure the whole prompt, rescale the unit costs, choose again.
-    scale, best = 1.0, None
-    for _ in range(6):
-        n = bisect.bisect_right(cum, (target - base) / scale) - 1
-        n = max(0, min(n, len(layout.units) - 1))
-        rest = target - base - scale * cum[n]
-        candidates = [""] + layout.partials(n)
-        costs = [0] + _count(tokenizer, [layout.joiner + c for c in candidates[1:]])
-        pick = min(range(len(candidates)), key=lambda i: (abs(costs[i] - rest), costs[i]))
-        context = layout.context(n, depth, candidates[pick] or None)
-        prompt = layout.render(context)
-        ids = prompts.encode(tokenizer, prompt)
-        if best is None or abs(len(ids) - target) < abs(len(best[1]) - target):
-            best = (prompt, ids, context)
-        if abs(len(ids) - target) <= 1:
-            break
-        if cum[n] > 0:
-            scale = max(0.5, (len(ids) - base - costs[pick]) / cum[n])
-    if abs(len(best[1]) - target) > length_tolerance(target):
-        raise RuntimeError(f"{what}: could not fit the prompt to {target} tokens (got {len(best[1])})")
-    return best
+__all__ = ["SYNTHETIC_TASKS", "build_synthetic_example", "minimum_length", "stable_seed"]
 
 
 def _uuid(rng: random.Random) -> str:
@@ -146,26 +58,16 @@ def _draw(rng: random.Random, kind: str) -> str:
     raise ValueError(f"unknown needle type {kind!r}")
 
 
-def _text_prefixes(unit: str) -> list[str]:
-    """Word prefixes of a line or sentence, plus character cuts inside long words (UUIDs, numbers)."""
-    out, pos = [], 0
-    words = unit.split(" ")
-    for k, word in enumerate(words):
-        if len(word) > 6:
-            out.extend(unit[: pos + c] for c in range(1, len(word)))
-        pos += len(word)
-        if k < len(words) - 1:
-            out.append(unit[:pos])
-        pos += 1
+def _distinct(rng: random.Random, kind: str, count: int, avoid: set[str]) -> list[str]:
+    out: list[str] = []
+    while len(out) < count:
+        value = _draw(rng, kind)
+        if value not in out and not any(value in a or a in value for a in avoid):
+            out.append(value)
     return out
 
 
-def _stream_size(tokenizer, sample_units: list[str], joiner: str, target: int) -> int:
-    per_unit = max(1.0, sum(_count(tokenizer, [joiner + u for u in sample_units])) / len(sample_units))
-    return int(target / per_unit * 1.25) + 16
-
-
-def _json_kv_layout(tokenizer, rng: random.Random, length: int) -> tuple[_Layout, list[str], str]:
+def _json_kv_layout(tokenizer, rng: random.Random, depth: float, budget: int) -> tuple[Layout, list[str], str]:
     def pair(key: str, value: str) -> str:
         return f"{json.dumps(key)}: {json.dumps(value)}"
 
@@ -179,23 +81,24 @@ def _json_kv_layout(tokenizer, rng: random.Random, length: int) -> tuple[_Layout
     gold_key, gold_value = _uuid(rng), _uuid(rng)
     sample = [(_uuid(rng), _uuid(rng)) for _ in range(8)]
     units = [pair(k, v) for k, v in sample]
-    size = _stream_size(tokenizer, units, ",\n ", length)
+    size = stream_size(tokenizer, units, ",\n ", budget)
     pairs = sample + [(_uuid(rng), _uuid(rng)) for _ in range(size - len(sample))]
     # The two demonstrations are pairs of the object itself, drawn among the pairs that will surely be included
     # (the expected count from the average pair cost, less a margin); tiny lengths fall back to the first two.
-    per_pair = sum(_count(tokenizer, [",\n " + u for u in units])) / len(units)
+    per_pair = sum(count_tokens(tokenizer, [",\n " + u for u in units])) / len(units)
     overhead = len(prompts.encode(tokenizer, renderer(sample[:2])("{" + pair(gold_key, gold_value) + "}")))
-    expected = int((length - overhead) / per_pair) - 2
+    expected = int((budget - overhead) / per_pair) - 2
     demos = [pairs[i] for i in rng.sample(range(max(2, expected)), 2)]
 
     def partials(i: int) -> list[str]:  # key prefix first, then the value grows; both stay valid JSON strings
         key, value = pairs[i]
         return [pair(key[: min(c, len(key))], value[: max(0, c - len(key))]) for c in range(1, len(key) + len(value))]
 
-    layout = _Layout(
+    layout = Layout(
         units=[pair(k, v) for k, v in pairs],
         joiner=",\n ",
         needles=[pair(gold_key, gold_value)],
+        depths=[depth],
         render=renderer(demos),
         partials=partials,
         open="{",
@@ -204,68 +107,126 @@ def _json_kv_layout(tokenizer, rng: random.Random, length: int) -> tuple[_Layout
     return layout, [gold_value], gold_key
 
 
-def _ruler_layout(tokenizer, rng: random.Random, spec: NeedleTask, length: int) -> tuple[_Layout, list[str], str]:
-    gold_key = _draw(rng, spec.key_type)
-    values: list[str] = []
-    while len(values) < spec.num_values:
-        value = _draw(rng, spec.value_type)
-        if value not in values:
-            values.append(value)
-    needles = [prompts.RULER_NEEDLE.format(type_needle_v=spec.value_type, key=gold_key, value=v) for v in values]
-    rng.shuffle(needles)
+def _haystack(tokenizer, rng: random.Random, spec: ruler.NeedleTask, budget: int, keys, values) -> list[str]:
     joiner = " " if spec.haystack == "essay" else "\n"
     if spec.haystack == "noise":
-        size = _stream_size(tokenizer, [wordlists.NOISE], joiner, length)
-        units = [wordlists.NOISE] * size
-    elif spec.haystack == "essay":
-        size = _stream_size(tokenizer, list(wordlists.ESSAY), joiner, length)
+        return [wordlists.NOISE] * stream_size(tokenizer, [wordlists.NOISE], joiner, budget)
+    if spec.haystack == "essay":
+        size = stream_size(tokenizer, list(wordlists.ESSAY), joiner, budget)
         start = rng.randrange(len(wordlists.ESSAY))
-        units = [wordlists.ESSAY[(start + i) % len(wordlists.ESSAY)] for i in range(size)]
-    else:  # distractor needles: other keys (never the gold key, nor one containing it) with other values
-        units = []
-        size = None
-        while size is None or len(units) < size:
-            key, value = _draw(rng, spec.key_type), _draw(rng, spec.value_type)
-            if gold_key in key or key in gold_key or value in values:
-                continue
-            units.append(prompts.RULER_NEEDLE.format(type_needle_v=spec.value_type, key=key, value=value))
-            if size is None and len(units) == 8:
-                size = _stream_size(tokenizer, units, joiner, length)
+        return [wordlists.ESSAY[(start + i) % len(wordlists.ESSAY)] for i in range(size)]
+    # distractor needles: other keys (never a gold key, nor one containing it) with other values
+    units: list[str] = []
+    size = None
+    while size is None or len(units) < size:
+        key, value = _draw(rng, spec.key_type), _draw(rng, spec.value_type)
+        if any(k in key or key in k for k in keys) or any(value in v or v in value for v in values):
+            continue
+        units.append(prompts.RULER_NEEDLE.format(type_needle_v=spec.value_type, key=key, value=value))
+        if size is None and len(units) == 8:
+            size = stream_size(tokenizer, units, joiner, budget)
+    return units
+
+
+def _niah_layout(tokenizer, rng: random.Random, spec: ruler.NeedleTask, depth: float, budget: int):
+    """RULER's niah: max(keys, queries) keys with `num_values` values each, every needle at its own depth."""
+    num_keys = max(spec.num_keys, spec.num_queries)
+    keys = _distinct(rng, spec.key_type, num_keys, set())
+    flat = _distinct(rng, spec.value_type, num_keys * spec.num_values, set(keys))
+    values = [flat[i * spec.num_values : (i + 1) * spec.num_values] for i in range(num_keys)]
+    queried = rng.sample(range(num_keys), spec.num_queries)
+    answers = [v for i in queried for v in values[i]]
+    fmt = prompts.RULER_NEEDLE.format
+    needles = [fmt(type_needle_v=spec.value_type, key=keys[i], value=v) for i in queried for v in values[i]]
+    needles += [fmt(type_needle_v=spec.value_type, key=keys[i], value=v) for i in range(num_keys) if i not in queried
+                for v in values[i]]
+    depths = [depth] + rng.sample(ruler.DEPTHS, len(needles) - 1)  # the first gold needle at the requested depth
+    query_keys = [keys[i] for i in queried]
+    query = query_keys[0] if len(query_keys) == 1 else ", ".join(query_keys[:-1]) + ", and " + query_keys[-1]
+    single = spec.num_queries * spec.num_values == 1
     # RULER's template uses the singular when a single value is asked for ("number"), the needles the plural.
-    type_v = spec.value_type[:-1] if spec.num_values == 1 else spec.value_type
+    type_v = spec.value_type[:-1] if single else spec.value_type
     user_t, prefix_t = (
         (prompts.RULER_SINGLE_USER, prompts.RULER_SINGLE_PREFIX)
-        if spec.num_values == 1
+        if single
         else (prompts.RULER_MULTI_USER, prompts.RULER_MULTI_PREFIX)
     )
 
     def render(context: str) -> str:
-        user = user_t.format(type_needle_v=type_v, context=context, query=gold_key)
-        return prompts.completion_prompt(user, prefix_t.format(type_needle_v=type_v, query=gold_key))
+        user = user_t.format(type_needle_v=type_v, context=context, query=query)
+        return prompts.completion_prompt(user, prefix_t.format(type_needle_v=type_v, query=query))
 
-    layout = _Layout(
-        units=units, joiner=joiner, needles=needles, render=render, partials=lambda i: _text_prefixes(units[i])
-    )
-    return layout, values, gold_key
+    units = _haystack(tokenizer, rng, spec, budget, keys, flat)
+    joiner = " " if spec.haystack == "essay" else "\n"
+    layout = Layout(units, joiner, needles, depths, render, partials=lambda i: text_prefixes(units[i]))
+    return layout, answers, query
+
+
+def _vt_layout(tokenizer, rng: random.Random, budget: int):
+    """RULER's vt: one chain of 4 hops among noise lines, after a one-shot example of about 500 tokens."""
+    ex_lines, ex_names, ex_value = ruler.vt_chain(rng, letters=3)
+    noise_cost = count_tokens(tokenizer, ["\n" + wordlists.NOISE])[0]
+    ex_noise = max(1, (500 - len(prompts.encode(tokenizer, ruler.vt_prompt("\n".join(ex_lines), ex_value, ""))))
+                   // noise_cost)
+    positions = sorted(rng.sample(range(ex_noise), len(ex_lines)))
+    sentences = [wordlists.NOISE] * ex_noise
+    for j, (pos, line) in enumerate(zip(positions, ex_lines)):
+        sentences.insert(pos + j, line)
+    example = ruler.vt_prompt("\n".join(sentences), ex_value, "") + " " + " ".join(ex_names)
+    lines, names, value = ruler.vt_chain(rng, letters=5)
+    units = [wordlists.NOISE] * stream_size(tokenizer, [wordlists.NOISE], "\n", budget)
+    depths = sorted(rng.random() for _ in lines)
+    layout = Layout(units, "\n", lines, depths, lambda ctx: ruler.vt_prompt(ctx, value, example + "\n\n"),
+                    partials=lambda i: text_prefixes(units[i]))
+    return layout, names, value
+
+
+def _example(task, tokenizer, rng, length: int, depth: float, budget: int, what: str):
+    """(prompt, ids, answers, key, context, needle) of one draw."""
+    if task in ruler.AGGREGATION_TASKS:
+        build = ruler.cwe_builder(rng, length) if task == "ruler_cwe" else ruler.fwe_builder(rng, budget)
+        key = (task, length, budget, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
+        prompt, ids, answers, context = ruler.fit_count(tokenizer, build, budget, key, what)
+        return prompt, ids, answers, None, context, None
+    if task == "json_kv":
+        layout, answers, key = _json_kv_layout(tokenizer, rng, depth, budget)
+    elif task == "ruler_vt":
+        layout, answers, key = _vt_layout(tokenizer, rng, budget)
+    else:
+        layout, answers, key = _niah_layout(tokenizer, rng, NIAH_TASKS[task], depth, budget)
+    prompt, ids, context = fit_layout(tokenizer, layout, budget, what)
+    return prompt, ids, answers, key, context, layout.needles[0]
+
+
+def _answers_ok(task: str, prompt: str, answers: list[str]) -> bool:
+    """Needle values and JSON KV's value occur exactly once; vt/cwe/fwe answers recur by design."""
+    return task in NO_DEPTH or all(prompt.count(answer) == 1 for answer in answers)
 
 
 def build_synthetic_example(
-    task: str, tokenizer: PreTrainedTokenizerBase, length: int, depth: float, index: int, seed: int
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    length: int,
+    depth: float,
+    index: int,
+    seed: int,
+    budget: int | None = None,
 ) -> EvalExample:
-    """The `index`-th example of `task` at `length` tokens with the gold at `depth` (0.0 start .. 1.0 end)."""
+    """The `index`-th example of `task` at evaluation length `length`, the gold at `depth` (0.0 start .. 1.0 end).
+
+    `budget` is the prompt's token budget (the runner passes length - the generation length, HELMET's budget);
+    None: `length` itself.
+    """
     if task not in SYNTHETIC_TASKS:
-        raise ValueError(f"unknown synthetic task {task!r}; known: {list(SYNTHETIC_TASKS)}")
+        raise ConfigError(f"unknown synthetic task {task!r}; known: {list(SYNTHETIC_TASKS)}")
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"{task}: depth {depth} is outside [0, 1]")
+        raise ConfigError(f"{task}: depth {depth} is outside [0, 1]")
+    budget = length if budget is None else budget
     what = f"{task}@{length}"
     rng = random.Random(stable_seed(seed, task, length, f"{depth:.6f}", index))
     for _ in range(10):
-        if task == "json_kv":
-            layout, answers, key = _json_kv_layout(tokenizer, rng, length)
-        else:
-            layout, answers, key = _ruler_layout(tokenizer, rng, RULER_TASKS[task], length)
-        prompt, ids, context = _fit(tokenizer, layout, depth, length, what)
-        if all(prompt.count(answer) == 1 for answer in answers):
+        prompt, ids, answers, key, context, needle = _example(task, tokenizer, rng, length, depth, budget, what)
+        if _answers_ok(task, prompt, answers):
             break
     else:  # pragma: no cover - needs ten collisions of random 7-digit numbers or UUIDs in a row
         raise RuntimeError(f"{what}: could not draw a prompt whose answers occur exactly once")
@@ -276,11 +237,12 @@ def build_synthetic_example(
         index=index,
         prompt=prompt,
         input_ids=ids,
-        target=answers,
-        depth=depth,
+        target=list(answers),
+        depth=None if task in NO_DEPTH else depth,
         meta={
             "key": key,
-            "needle": layout.needles[0],
+            "needle": needle,
+            "budget": budget,
             "context_start": start,  # character span of the context (haystack + needles) in the prompt
             "context_end": start + len(context),
         },
@@ -288,10 +250,17 @@ def build_synthetic_example(
 
 
 def minimum_length(task: str, tokenizer: PreTrainedTokenizerBase) -> int:
-    """Tokens of `task`'s prompt with an empty haystack: lengths below this cannot be built."""
+    """Tokens of `task`'s prompt with an empty haystack (cwe/fwe: the smallest word list): smaller budgets fail."""
     rng = random.Random(0)
+    if task in ruler.AGGREGATION_TASKS:
+        build = ruler.cwe_builder(rng, 1024) if task == "ruler_cwe" else ruler.fwe_builder(rng, 1024)
+        return len(prompts.encode(tokenizer, build(10)[0]))
     if task == "json_kv":
-        layout, _, _ = _json_kv_layout(tokenizer, rng, 256)
+        layout, _, _ = _json_kv_layout(tokenizer, rng, 0.0, 256)
+    elif task == "ruler_vt":
+        layout, _, _ = _vt_layout(tokenizer, rng, 256)
+    elif task in NIAH_TASKS:
+        layout, _, _ = _niah_layout(tokenizer, rng, NIAH_TASKS[task], 0.0, 256)
     else:
-        layout, _, _ = _ruler_layout(tokenizer, rng, RULER_TASKS[task], 256)
-    return len(prompts.encode(tokenizer, layout.render(layout.context(0, 0.0, None))))
+        raise ConfigError(f"unknown synthetic task {task!r}; known: {list(SYNTHETIC_TASKS)}")
+    return len(prompts.encode(tokenizer, layout.render(layout.context(0, None))))
