@@ -1,9 +1,9 @@
 """Training throughput and MFU of 8B-shaped Llama layers at long context on GPUs: tokens/s per GPU, MFU.
 
 The real training path: `Trainer.fit` with `FSDP2Strategy` (bf16 compute, fp32 master weights and gradient
-reduction: the recipe configs' settings), the project's LongContextLM (FlashAttention-2 varlen through
-`attn_implementation: auto`, chunked LM head + loss, activation checkpointing per decoder layer) and, with
-`--sp P`, Ulysses sequence parallelism over P GPUs. Rows
+reduction: the recipe configs' settings), the project's LongContextLM (`attn_implementation: auto`, the fastest
+varlen kernel present, printed in the table; chunked LM head + loss, activation checkpointing per decoder layer)
+and, with `--sp P`, Ulysses sequence parallelism over P GPUs. Rows
 are synthetic packed rows (one document per row by default, the costliest case for attention). Every rank runs
 on its own GPU; Lightning launches the processes (`--devices`, default: all visible GPUs).
 
@@ -198,15 +198,15 @@ def main() -> None:
         module.hf_config.num_hidden_layers, "docs": args.docs, "micro_batch": args.micro_batch,
         "step_s_median": step_s, "step_s": timed, "tokens_per_s_per_gpu": tokens_per_gpu,
         "model_tflops_per_gpu": achieved_tflops, "mfu": None if peak is None else achieved_tflops / peak,
-        "peak_tflops": peak, "max_memory_gib_rank0": memory_gib,
+        "peak_tflops": peak, "max_memory_gib_rank0": memory_gib, "attn_kernel": module.attn_kernel,
     }
     log.info("%s", result)
     mfu = "-" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
-    print("| device | GPUs | SP | tokens/row | layers | step s (median) | tokens/s per GPU | TFLOPS per GPU | MFU |"
-          " max mem GiB (rank 0) |")  # noqa: T201
-    print("|---|---|---|---|---|---|---|---|---|---|")  # noqa: T201
-    print(f"| {device_name} | {devices} | {args.sp} | {args.seq_len:,} | {result['layers']} | {step_s:.2f} | "
-          f"{tokens_per_gpu:,.0f} | {achieved_tflops:.1f} | {mfu} | {memory_gib:.1f} |")  # noqa: T201
+    print("| device | attention kernel | GPUs | SP | tokens/row | layers | step s (median) | tokens/s per GPU | "
+          "TFLOPS per GPU | MFU | max mem GiB (rank 0) |")  # noqa: T201
+    print("|---|---|---|---|---|---|---|---|---|---|---|")  # noqa: T201
+    print(f"| {device_name} | {module.attn_kernel} | {devices} | {args.sp} | {args.seq_len:,} | {result['layers']} | "
+          f"{step_s:.2f} | {tokens_per_gpu:,.0f} | {achieved_tflops:.1f} | {mfu} | {memory_gib:.1f} |")  # noqa: T201
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

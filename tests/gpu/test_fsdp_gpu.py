@@ -11,10 +11,12 @@ from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from prolong_lit.data.datamodule import MixtureDataModule
+from prolong_lit.data.collate import collate_samples
 from prolong_lit.model.module import LongContextLM
 from prolong_lit.model.optim import AdamW, WarmupCosine
 from prolong_lit.model.settings import KernelSettings, LlamaSettings
@@ -22,7 +24,7 @@ from prolong_lit.model.settings import KernelSettings, LlamaSettings
 pytestmark = pytest.mark.gpu
 
 SEQ_LEN = 256
-DOMAINS = {"books": 16, "code": 16}
+ROWS = 16
 STEPS = 4
 BF16_LOSS_RTOL = 2e-2  # bf16 has an 8-bit mantissa: ~0.4% per rounding, a few percent through the network
 BF16_GRAD_RTOL = 5e-2  # |g_bf16 - g_fp32| / |g_fp32| over all gradients together
@@ -68,7 +70,25 @@ def gathered(grad) -> torch.Tensor:
     return grad.full_tensor().float().cpu()
 
 
-def fit(model_dir: Path, data_dir: Path, **sharding) -> dict:
+def packed_rows(vocab: int) -> list[dict[str, np.ndarray]]:
+    """ROWS packed rows of SEQ_LEN tokens, 1 to 4 documents each, as `prepare` writes them (in memory: the GPU
+    image has no litdata, so the DataModule cannot run there; the collate is the DataModule's own)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(ROWS):
+        cuts = np.sort(rng.choice(np.arange(1, SEQ_LEN), size=int(rng.integers(0, 4)), replace=False))
+        lengths = np.diff(np.concatenate([[0], cuts, [SEQ_LEN]])).astype(np.int32)
+        rows.append({"input_ids": rng.integers(0, vocab, SEQ_LEN).astype(np.int32), "doc_lengths": lengths})
+    return rows
+
+
+def loader(vocab: int) -> DataLoader:
+    rows = packed_rows(vocab)
+    return DataLoader(list(range(ROWS)), batch_size=2, shuffle=False,
+                      collate_fn=lambda idx: collate_samples([rows[i] for i in idx], [0] * len(idx), idx))
+
+
+def fit(model_dir: Path, **sharding) -> dict:
     """`sharding`: FSDP2Strategy's param_dtype / reduce_dtype / cpu_offload."""
     from prolong_lit.parallel.strategy import FSDP2Strategy
 
@@ -76,15 +96,13 @@ def fit(model_dir: Path, data_dir: Path, **sharding) -> dict:
     module = LongContextLM(llama=LlamaSettings(name_or_path=str(model_dir)), seq_len=SEQ_LEN,
                            kernels=KernelSettings(loss_chunk_size=128),
                            optimizer=partial(AdamW, lr=1e-3), scheduler=partial(WarmupCosine, warmup_steps=1))
-    data = MixtureDataModule(str(data_dir), weights={"books": 1.0, "code": 1.0}, seq_len=SEQ_LEN,
-                             micro_batch_size=2, val_samples_per_domain=0, num_workers=0)
     recorder = StepRecorder()
     strategy = FSDP2Strategy(activation_checkpointing=True, **sharding)
     trainer = pl.Trainer(accelerator="gpu", devices=1, strategy=strategy, max_steps=STEPS,
                          precision="32-true", gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, callbacks=[recorder])
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, train_dataloaders=loader(module.hf_config.vocab_size))
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -97,15 +115,13 @@ def setup(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from prolong_lit.model.sizes import size_config_kwargs
-    from tests.helpers.data_factory import write_prepared
 
     tmp = tmp_path_factory.mktemp("fsdp_gpu")
     torch.manual_seed(1)
     config = LlamaConfig(**{**size_config_kwargs("tiny"), "hidden_size": 256, "intermediate_size": 688,
                             "num_attention_heads": 4, "num_key_value_heads": 2})
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(tmp / "hf"))
-    write_prepared(tmp / "data", DOMAINS, seq_len=SEQ_LEN)
-    return tmp / "hf", tmp / "data", fit(tmp / "hf", tmp / "data")  # the full-fp32 sharded run
+    return tmp / "hf", fit(tmp / "hf")  # the full-fp32 sharded run
 
 
 def relative_grad_error(grads: dict, reference: dict) -> float:
@@ -114,8 +130,8 @@ def relative_grad_error(grads: dict, reference: dict) -> float:
 
 
 def test_bf16_compute_fp32_master_weights_close_to_fp32(setup):
-    model_dir, data_dir, fp32 = setup
-    bf16 = fit(model_dir, data_dir, param_dtype="bfloat16", reduce_dtype="float32")
+    model_dir, fp32 = setup
+    bf16 = fit(model_dir, param_dtype="bfloat16", reduce_dtype="float32")
     assert fp32["compute_dtype"] == torch.float32 and fp32["compute_device"] == "cuda"
     assert bf16["master_dtype"] == torch.float32 and bf16["master_device"] == "cuda"  # AdamW steps fp32 shards
     assert bf16["compute_dtype"] == torch.bfloat16
@@ -126,8 +142,8 @@ def test_bf16_compute_fp32_master_weights_close_to_fp32(setup):
 
 
 def test_cpu_offload_keeps_shards_on_the_cpu_and_trains_the_same(setup):
-    model_dir, data_dir, fp32 = setup
-    offloaded = fit(model_dir, data_dir, cpu_offload=True)
+    model_dir, fp32 = setup
+    offloaded = fit(model_dir, cpu_offload=True)
     assert offloaded["master_device"] == "cpu"  # still after Lightning moved the module to the GPU
     assert offloaded["compute_device"] == "cuda"
     assert offloaded["losses"] == pytest.approx(fp32["losses"], rel=1e-5)

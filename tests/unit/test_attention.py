@@ -135,5 +135,5 @@ def test_attn_implementation_errors():
         LongContextLM(kernels=KernelSettings(attn_implementation="flash_attention_3"))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError,
-                           match=r"model\.kernels\.attn_implementation: 'flash' needs the flash-attn package"):
+                           match=r"model\.kernels\.attn_implementation: 'flash' cannot run here \(flash-attn 2"):
             LongContextLM(kernels=KernelSettings(attn_implementation="flash"))

@@ -38,8 +38,10 @@ def test_collate_matches_hand_built_batch():
     }
     assert isinstance(batch, PackedBatch)
     # the collated fields; the sequence-parallel flags keep their defaults (a whole, unshifted batch)
-    assert {f.name for f in fields(batch)} == set(expected) | {"max_seqlen", "labels_shifted", "sequence_exchange"}
+    assert {f.name for f in fields(batch)} == set(expected) | {"max_seqlen", "labels_shifted", "sequence_exchange",
+                                                               "doc_bounds"}
     assert (batch.labels_shifted, batch.sequence_exchange) == (False, False)
+    assert batch.doc_bounds == (0, 2, 6, 9, 12) and all(type(b) is int for b in batch.doc_bounds)  # host side
     for key, value in expected.items():
         assert getattr(batch, key).dtype == value.dtype, key
         assert torch.equal(getattr(batch, key), value), key

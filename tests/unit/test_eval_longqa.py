@@ -178,8 +178,9 @@ def test_chat_template_setting_is_checked_before_any_work(helmet_dir, llama3_tok
     settings.use_chat_template = False  # a base model: completion prompts everywhere
     assert check_settings(settings, plain_tokenizer, 128256, 8192, prefix="--", tokenizer_setting="--tokenizer")
     generated = EvalSettings(["json_kv"], [4096], samples_per_task=1, use_chat_template=True)
-    with pytest.raises(ConfigError, match=r"--use_chat_template: the generated tasks \['json_kv'\]"):
-        check_settings(generated, llama3_tokenizer, 128256, 8192, prefix="--", tokenizer_setting="--tokenizer")
+    check_settings(generated, llama3_tokenizer, 128256, 8192, prefix="--", tokenizer_setting="--tokenizer")
+    with pytest.raises(ConfigError, match=r"--use_chat_template: it is true, so \['json_kv'\]"):
+        check_settings(generated, plain_tokenizer, 128256, 8192, prefix="--", tokenizer_setting="--tokenizer")
     settings = EvalSettings(["alce_asqa"], [4096], helmet_dir=str(helmet_dir), nli_model_dir=str(helmet_dir))
     with pytest.raises(ConfigError, match="--nli_model_dir: .* is not a Hugging Face model directory"):
         check_settings(settings, llama3_tokenizer, 128256, 8192, prefix="--", tokenizer_setting="--tokenizer")

@@ -212,3 +212,21 @@ def test_lengths_below_the_template_are_refused(llama3_tokenizer):
     with pytest.raises(ValueError, match="unknown synthetic task"):
         build_synthetic_example("niah", llama3_tokenizer, 1024, 0.5, index=0, seed=0)
     assert minimum_length("ruler_vt", llama3_tokenizer) > 500  # RULER's one-shot example is ~500 tokens
+
+
+@pytest.mark.parametrize("task", ["json_kv", "ruler_niah_mv", "ruler_vt", "ruler_cwe", "ruler_fwe"])
+def test_chat_template_prompts_fit_the_budget_with_the_answers_once(llama3_tokenizer, task):
+    """use_chat_template for a generated task: the user turn in the tokenizer's chat template with the assistant
+    turn opened (no answer prefix), fitted to the same budget, BOS from the template (not added twice)."""
+    budget = 2048 - 100
+    plain = build_synthetic_example(task, llama3_tokenizer, 2048, 0.5, 0, seed=3, budget=budget)
+    chat = build_synthetic_example(task, llama3_tokenizer, 2048, 0.5, 0, seed=3, budget=budget, chat=True)
+    assert chat.prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+    assert chat.prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert chat.input_ids == llama3_tokenizer(chat.prompt, add_special_tokens=False)["input_ids"]
+    assert chat.input_ids.count(llama3_tokenizer.bos_token_id) == 1
+    assert budget - 0.05 * budget <= len(chat.input_ids) <= budget
+    assert chat.target == plain.target  # the same draw: the format changes, the task does not
+    if task not in ("ruler_vt", "ruler_cwe", "ruler_fwe"):
+        assert all(chat.prompt.count(answer) == 1 for answer in chat.target)
+    assert plain.prompt not in chat.prompt  # the completion prompt's answer prefix is not part of the chat turn

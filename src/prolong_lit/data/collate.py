@@ -86,7 +86,8 @@ def collate_samples(
     positions = torch.from_numpy(np.stack([position_ids(doc_lengths) for _, doc_lengths in rows]))  # (B, L)
     all_lengths = np.concatenate([doc_lengths for _, doc_lengths in rows])  # (num_docs,)
     # every row sums to L, so row b's boundaries land after row b-1's in the flattened B*L tokens
-    cu_seq_lens = torch.from_numpy(np.concatenate([[0], np.cumsum(all_lengths)]).astype(np.int32))
+    bounds = np.concatenate([[0], np.cumsum(all_lengths)])  # (num_docs + 1,)
+    cu_seq_lens = torch.from_numpy(bounds.astype(np.int32))
     loss_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
     return PackedBatch(
         input_ids=input_ids,
@@ -98,4 +99,5 @@ def collate_samples(
         sample_index=torch.as_tensor(np.asarray(sample_index, dtype=np.int64)),  # (B,)
         loss_tokens=torch.tensor(loss_tokens, dtype=torch.int64),
         step_loss_tokens=torch.tensor(loss_tokens if step_loss_tokens is None else step_loss_tokens, dtype=torch.int64),
+        doc_bounds=tuple(int(b) for b in bounds),  # host side: attention reads no boundary back from the GPU
     )

@@ -89,7 +89,12 @@ class PackedBatch:
     # sequence over the whole rows; else the chunk's own cu_seq_lens are exact).
     labels_shifted: bool = False
     sequence_exchange: bool = False
+    # cu_seq_lens as Python ints (host side, never moved to the device), so attention needs no device-to-host
+    # sync per layer; None when unknown (hand-built batches): the model then reads cu_seq_lens back once per batch
+    doc_bounds: tuple[int, ...] | None = None
 
     def replace(self, **changes) -> PackedBatch:
-        """A copy with some fields changed."""
+        """A copy with some fields changed (new `cu_seq_lens` without new `doc_bounds` drop the stale bounds)."""
+        if "cu_seq_lens" in changes and "doc_bounds" not in changes:
+            changes["doc_bounds"] = None
         return replace(self, **changes)

@@ -94,10 +94,11 @@ def _partials(layout: Layout, tokenizer, n: int, cache: dict) -> tuple[list[str]
     return cache[n]
 
 
-def fit_layout(tokenizer, layout: Layout, budget: int, what: str) -> tuple[str, list[int], str]:
-    """Choose the number of units and the shortened last unit so the prompt has at most `budget` tokens (as close
-    as the units allow). Returns (prompt, input_ids, context)."""
-    base = len(prompts.encode(tokenizer, layout.render(layout.context(0, None))))
+def fit_layout(fmt: prompts.PromptFormat, layout: Layout, budget: int, what: str) -> tuple[str, list[int], str]:
+    """Choose the number of units and the shortened last unit so the prompt (in format `fmt`: completion or chat)
+    has at most `budget` tokens (as close as the units allow). Returns (prompt, input_ids, context)."""
+    tokenizer = fmt.tokenizer
+    base = len(fmt.encode(layout.render(layout.context(0, None))))
     if base > budget:
         raise ConfigError(
             f"{what}: the prompt without any haystack has {base} tokens, more than its budget of {budget}; use a "
@@ -130,7 +131,7 @@ def fit_layout(tokenizer, layout: Layout, budget: int, what: str) -> tuple[str, 
         tried.add((n, pick))
         context = layout.context(n, candidates[pick] or None)
         prompt = layout.render(context)
-        ids = prompts.encode(tokenizer, prompt)
+        ids = fmt.encode(prompt)
         if len(ids) <= budget and (best is None or len(ids) > len(best[1])):
             best = (prompt, ids, context)
         if best is not None and budget - len(best[1]) <= 1:

@@ -14,6 +14,7 @@ cut; instructions, the question and the few-shot demonstrations of the other tas
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
@@ -134,6 +135,22 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, chat: bool = False) ->
     """The prompt's token ids as the model sees them: BOS added to a completion prompt; a chat-rendered prompt
     already holds it, so nothing is added."""
     return tokenizer(text, add_special_tokens=not chat)["input_ids"]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a task's text becomes the model's prompt: HELMET's completion prompt, or with `chat` the tokenizer's chat
+    template (`render_prompt`), and the ids the model sees (`encode`). Builders take one so that the same code
+    fits a haystack to the budget in either format."""
+
+    tokenizer: PreTrainedTokenizerBase
+    chat: bool = False
+
+    def render(self, user: str, answer_prefix: str, sep: str = "\n") -> str:
+        return render_prompt(self.tokenizer, user, answer_prefix, self.chat, sep)
+
+    def encode(self, text: str) -> list[int]:
+        return encode(self.tokenizer, text, self.chat)
 
 
 def cut_document(tokenizer: PreTrainedTokenizerBase, context: str, max_tokens: int) -> str:

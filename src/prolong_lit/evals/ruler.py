@@ -35,8 +35,6 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
-
 from prolong_lit.errors import ConfigError
 from prolong_lit.evals import prompts
 from prolong_lit.evals.haystack import length_tolerance
@@ -136,7 +134,9 @@ def _cwe_list(rng: random.Random, num_words: int, common: int, uncommon: int, nu
     return _numbered(items), top
 
 
-def cwe_builder(rng: random.Random, length: int) -> Callable[[int], tuple[str, list[str], str]]:
+def cwe_builder(
+    rng: random.Random, length: int, fmt: prompts.PromptFormat
+) -> Callable[[int], tuple[str, list[str], str]]:
     """num_words -> (prompt, answers, context) for RULER's cwe at evaluation length `length`."""
     short = length < 4096
     ex_ctx, ex_top = _cwe_list(rng, 20, 3, 1) if short else _cwe_list(rng, 40, 10, 3)
@@ -147,12 +147,14 @@ def cwe_builder(rng: random.Random, length: int) -> Callable[[int], tuple[str, l
         local = random.Random(seed)  # the same words for every count tried
         context, top = _cwe_list(local, num_words, 6, 1) if short else _cwe_list(local, num_words, 30, 3)
         user = CWE_USER.format(example=example + "\n\n", context=context)
-        return prompts.completion_prompt(user, CWE_PREFIX), top, context
+        return fmt.render(user, CWE_PREFIX), top, context
 
     return build
 
 
-def fwe_builder(rng: random.Random, budget: int) -> Callable[[int], tuple[str, list[str], str]]:
+def fwe_builder(
+    rng: random.Random, budget: int, fmt: prompts.PromptFormat
+) -> Callable[[int], tuple[str, list[str], str]]:
     """num_words -> (prompt, answers, context) for RULER's fwe with a prompt budget of `budget` tokens."""
     vocab_size = max(8, budget // 50)
     vocab: set[str] = set()
@@ -169,7 +171,7 @@ def fwe_builder(rng: random.Random, budget: int) -> Callable[[int], tuple[str, l
         text = [w for w, c in zip(words, counts) for _ in range(c)]
         random.Random(seed).shuffle(text)
         context = " ".join(text)
-        return prompts.completion_prompt(FWE_USER.format(context=context), FWE_PREFIX), words[1:4], context
+        return fmt.render(FWE_USER.format(context=context), FWE_PREFIX), words[1:4], context
 
     return build
 
@@ -178,7 +180,7 @@ _COUNT_CACHE: dict[tuple, int] = {}  # (task, budget, tokenizer) -> the last wor
 
 
 def fit_count(
-    tokenizer: PreTrainedTokenizerBase, build: Callable[[int], tuple], budget: int, key: tuple, what: str
+    fmt: prompts.PromptFormat, build: Callable[[int], tuple], budget: int, key: tuple, what: str
 ) -> tuple[str, list[int], list[str], str]:
     """The largest word count whose prompt fits `budget` tokens (RULER searches it once per dataset; the token
     count of a word list varies between draws, so here it is searched per example): secant steps on the roughly
@@ -186,7 +188,7 @@ def fit_count(
     max(1%, 2) tokens below the budget (at most 10 measurements). Returns (prompt, ids, answers, context)."""
     def measure(n: int):
         prompt, answers, context = build(n)
-        return prompt, prompts.encode(tokenizer, prompt), answers, context
+        return prompt, fmt.encode(prompt), answers, context
 
     tol = length_tolerance(budget)
     n = _COUNT_CACHE.get(key, 100)
@@ -225,6 +227,11 @@ def vt_chain(rng: random.Random, letters: int, hops: int = 4) -> tuple[list[str]
     return lines, names, value
 
 
-def vt_prompt(context: str, value: str, example: str, hops: int = 4) -> str:
+def vt_prompt(
+    context: str, value: str, example: str, hops: int = 4, fmt: prompts.PromptFormat | None = None
+) -> str:
+    """RULER's vt prompt; without `fmt` a completion prompt (also the form of its one-shot example, which is text
+    inside the user turn whatever the format)."""
     user = VT_USER.format(example=example, context=context, query=value)
-    return prompts.completion_prompt(user, VT_PREFIX.format(num_v=hops + 1, query=value))
+    prefix = VT_PREFIX.format(num_v=hops + 1, query=value)
+    return prompts.completion_prompt(user, prefix) if fmt is None else fmt.render(user, prefix)

@@ -52,9 +52,8 @@ def _build(
     """This rank's examples of `spec` at `length` (`chat`: prompts in the tokenizer's chat template)."""
     if spec.source == "synthetic":
         slots = ev_dist.shard(range(samples), enabled)
-        extra = {"chat": True} if chat else {}  # checked by check_settings: refused where unsupported
         return [
-            build_synthetic_example(spec.name, tokenizer, length, depths[i % len(depths)], i, seed, budget, **extra)
+            build_synthetic_example(spec.name, tokenizer, length, depths[i % len(depths)], i, seed, budget, chat=chat)
             for i in slots
         ]
     slots = ev_dist.shard(range(len(helmet.records)), enabled)

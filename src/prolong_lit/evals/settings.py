@@ -11,7 +11,6 @@ line.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from transformers import PreTrainedTokenizerBase
 from prolong_lit.errors import ConfigError, DataError, MissingPathError, UserError
 from prolong_lit.evals.helmet import HelmetData, load_helmet_task
 from prolong_lit.evals.registry import TaskSpec, validate_request
-from prolong_lit.evals.synthetic import build_synthetic_example
 
 # The synthetic recall tasks: they need no files, so an evaluation works on any run out of the box.
 DEFAULT_TASKS = ("ruler_niah_s_1", "ruler_niah_mk_2", "ruler_niah_mk_3", "ruler_niah_mv", "json_kv")
@@ -179,12 +177,6 @@ def _check_chat_and_nli(settings: EvalSettings, specs: list[TaskSpec], tokenizer
         raise ConfigError(
             f"{prefix}use_chat_template: it is {given}, so {chat} are prompted through the chat template, but the "
             "tokenizer has none; give a tokenizer with a chat template or set use_chat_template to false"
-        )
-    generated = [s.name for s in specs if s.source == "synthetic" and settings.chat_for(s)]
-    if generated and "chat" not in inspect.signature(build_synthetic_example).parameters:
-        raise ConfigError(
-            f"{prefix}use_chat_template: the generated tasks {generated} are built as completion prompts only "
-            "(as HELMET runs them); set use_chat_template to null (HELMET's per-task default) or false"
         )
     if settings.nli_model_dir is not None and not (Path(settings.nli_model_dir) / "config.json").is_file():
         raise ConfigError(

@@ -67,14 +67,18 @@ def _distinct(rng: random.Random, kind: str, count: int, avoid: set[str]) -> lis
     return out
 
 
-def _json_kv_layout(tokenizer, rng: random.Random, depth: float, budget: int) -> tuple[Layout, list[str], str]:
+def _json_kv_layout(
+    fmt: prompts.PromptFormat, rng: random.Random, depth: float, budget: int
+) -> tuple[Layout, list[str], str]:
+    tokenizer = fmt.tokenizer
+
     def pair(key: str, value: str) -> str:
         return f"{json.dumps(key)}: {json.dumps(value)}"
 
     def renderer(demos: list[tuple[str, str]]) -> Callable[[str], str]:
         def render(context: str) -> str:
             user = prompts.JSON_KV_USER.format(context=context, demos=prompts.json_kv_demos(demos), question=gold_key)
-            return prompts.completion_prompt(user, prompts.JSON_KV_PREFIX)
+            return fmt.render(user, prompts.JSON_KV_PREFIX)
 
         return render
 
@@ -86,7 +90,7 @@ def _json_kv_layout(tokenizer, rng: random.Random, depth: float, budget: int) ->
     # The two demonstrations are pairs of the object itself, drawn among the pairs that will surely be included
     # (the expected count from the average pair cost, less a margin); tiny lengths fall back to the first two.
     per_pair = sum(count_tokens(tokenizer, [",\n " + u for u in units])) / len(units)
-    overhead = len(prompts.encode(tokenizer, renderer(sample[:2])("{" + pair(gold_key, gold_value) + "}")))
+    overhead = len(fmt.encode(renderer(sample[:2])("{" + pair(gold_key, gold_value) + "}")))
     expected = int((budget - overhead) / per_pair) - 2
     demos = [pairs[i] for i in rng.sample(range(max(2, expected)), 2)]
 
@@ -128,18 +132,19 @@ def _haystack(tokenizer, rng: random.Random, spec: ruler.NeedleTask, budget: int
     return units
 
 
-def _niah_layout(tokenizer, rng: random.Random, spec: ruler.NeedleTask, depth: float, budget: int):
+def _niah_layout(fmt: prompts.PromptFormat, rng: random.Random, spec: ruler.NeedleTask, depth: float, budget: int):
     """RULER's niah: max(keys, queries) keys with `num_values` values each, every needle at its own depth."""
+    tokenizer = fmt.tokenizer
     num_keys = max(spec.num_keys, spec.num_queries)
     keys = _distinct(rng, spec.key_type, num_keys, set())
     flat = _distinct(rng, spec.value_type, num_keys * spec.num_values, set(keys))
     values = [flat[i * spec.num_values : (i + 1) * spec.num_values] for i in range(num_keys)]
     queried = rng.sample(range(num_keys), spec.num_queries)
     answers = [v for i in queried for v in values[i]]
-    fmt = prompts.RULER_NEEDLE.format
-    needles = [fmt(type_needle_v=spec.value_type, key=keys[i], value=v) for i in queried for v in values[i]]
-    needles += [fmt(type_needle_v=spec.value_type, key=keys[i], value=v) for i in range(num_keys) if i not in queried
-                for v in values[i]]
+    needle_of = prompts.RULER_NEEDLE.format
+    needles = [needle_of(type_needle_v=spec.value_type, key=keys[i], value=v) for i in queried for v in values[i]]
+    needles += [needle_of(type_needle_v=spec.value_type, key=keys[i], value=v)
+                for i in range(num_keys) if i not in queried for v in values[i]]
     depths = [depth] + rng.sample(ruler.DEPTHS, len(needles) - 1)  # the first gold needle at the requested depth
     query_keys = [keys[i] for i in queried]
     query = query_keys[0] if len(query_keys) == 1 else ", ".join(query_keys[:-1]) + ", and " + query_keys[-1]
@@ -154,7 +159,7 @@ def _niah_layout(tokenizer, rng: random.Random, spec: ruler.NeedleTask, depth: f
 
     def render(context: str) -> str:
         user = user_t.format(type_needle_v=type_v, context=context, query=query)
-        return prompts.completion_prompt(user, prefix_t.format(type_needle_v=type_v, query=query))
+        return fmt.render(user, prefix_t.format(type_needle_v=type_v, query=query))
 
     units = _haystack(tokenizer, rng, spec, budget, keys, flat)
     joiner = " " if spec.haystack == "essay" else "\n"
@@ -162,8 +167,9 @@ def _niah_layout(tokenizer, rng: random.Random, spec: ruler.NeedleTask, depth: f
     return layout, answers, query
 
 
-def _vt_layout(tokenizer, rng: random.Random, budget: int):
+def _vt_layout(fmt: prompts.PromptFormat, rng: random.Random, budget: int):
     """RULER's vt: one chain of 4 hops among noise lines, after a one-shot example of about 500 tokens."""
+    tokenizer = fmt.tokenizer
     ex_lines, ex_names, ex_value = ruler.vt_chain(rng, letters=3)
     noise_cost = count_tokens(tokenizer, ["\n" + wordlists.NOISE])[0]
     ex_noise = max(1, (500 - len(prompts.encode(tokenizer, ruler.vt_prompt("\n".join(ex_lines), ex_value, ""))))
@@ -176,25 +182,26 @@ def _vt_layout(tokenizer, rng: random.Random, budget: int):
     lines, names, value = ruler.vt_chain(rng, letters=5)
     units = [wordlists.NOISE] * stream_size(tokenizer, [wordlists.NOISE], "\n", budget)
     depths = sorted(rng.random() for _ in lines)
-    layout = Layout(units, "\n", lines, depths, lambda ctx: ruler.vt_prompt(ctx, value, example + "\n\n"),
+    layout = Layout(units, "\n", lines, depths, lambda ctx: ruler.vt_prompt(ctx, value, example + "\n\n", fmt=fmt),
                     partials=lambda i: text_prefixes(units[i]))
     return layout, names, value
 
 
-def _example(task, tokenizer, rng, length: int, depth: float, budget: int, what: str):
+def _example(task, fmt: prompts.PromptFormat, rng, length: int, depth: float, budget: int, what: str):
     """(prompt, ids, answers, key, context, needle) of one draw."""
+    tokenizer = fmt.tokenizer
     if task in ruler.AGGREGATION_TASKS:
-        build = ruler.cwe_builder(rng, length) if task == "ruler_cwe" else ruler.fwe_builder(rng, budget)
-        key = (task, length, budget, getattr(tokenizer, "name_or_path", ""), len(tokenizer))
-        prompt, ids, answers, context = ruler.fit_count(tokenizer, build, budget, key, what)
+        build = ruler.cwe_builder(rng, length, fmt) if task == "ruler_cwe" else ruler.fwe_builder(rng, budget, fmt)
+        key = (task, length, budget, getattr(tokenizer, "name_or_path", ""), len(tokenizer), fmt.chat)
+        prompt, ids, answers, context = ruler.fit_count(fmt, build, budget, key, what)
         return prompt, ids, answers, None, context, None
     if task == "json_kv":
-        layout, answers, key = _json_kv_layout(tokenizer, rng, depth, budget)
+        layout, answers, key = _json_kv_layout(fmt, rng, depth, budget)
     elif task == "ruler_vt":
-        layout, answers, key = _vt_layout(tokenizer, rng, budget)
+        layout, answers, key = _vt_layout(fmt, rng, budget)
     else:
-        layout, answers, key = _niah_layout(tokenizer, rng, NIAH_TASKS[task], depth, budget)
-    prompt, ids, context = fit_layout(tokenizer, layout, budget, what)
+        layout, answers, key = _niah_layout(fmt, rng, NIAH_TASKS[task], depth, budget)
+    prompt, ids, context = fit_layout(fmt, layout, budget, what)
     return prompt, ids, answers, key, context, layout.needles[0]
 
 
@@ -211,11 +218,12 @@ def build_synthetic_example(
     index: int,
     seed: int,
     budget: int | None = None,
+    chat: bool = False,
 ) -> EvalExample:
     """The `index`-th example of `task` at evaluation length `length`, the gold at `depth` (0.0 start .. 1.0 end).
 
     `budget` is the prompt's token budget (the runner passes length - the generation length, HELMET's budget);
-    None: `length` itself.
+    None: `length` itself. `chat`: the prompt in the tokenizer's chat template (HELMET's `use_chat_template`).
     """
     if task not in SYNTHETIC_TASKS:
         raise ConfigError(f"unknown synthetic task {task!r}; known: {list(SYNTHETIC_TASKS)}")
@@ -225,7 +233,9 @@ def build_synthetic_example(
     what = f"{task}@{length}"
     rng = random.Random(stable_seed(seed, task, length, f"{depth:.6f}", index))
     for _ in range(10):
-        prompt, ids, answers, key, context, needle = _example(task, tokenizer, rng, length, depth, budget, what)
+        prompt, ids, answers, key, context, needle = _example(
+            task, prompts.PromptFormat(tokenizer, chat), rng, length, depth, budget, what
+        )
         if _answers_ok(task, prompt, answers):
             break
     else:  # pragma: no cover - needs ten collisions of random 7-digit numbers or UUIDs in a row
@@ -249,18 +259,19 @@ def build_synthetic_example(
     )
 
 
-def minimum_length(task: str, tokenizer: PreTrainedTokenizerBase) -> int:
+def minimum_length(task: str, tokenizer: PreTrainedTokenizerBase, chat: bool = False) -> int:
     """Tokens of `task`'s prompt with an empty haystack (cwe/fwe: the smallest word list): smaller budgets fail."""
     rng = random.Random(0)
+    fmt = prompts.PromptFormat(tokenizer, chat)
     if task in ruler.AGGREGATION_TASKS:
-        build = ruler.cwe_builder(rng, 1024) if task == "ruler_cwe" else ruler.fwe_builder(rng, 1024)
-        return len(prompts.encode(tokenizer, build(10)[0]))
+        build = ruler.cwe_builder(rng, 1024, fmt) if task == "ruler_cwe" else ruler.fwe_builder(rng, 1024, fmt)
+        return len(fmt.encode(build(10)[0]))
     if task == "json_kv":
-        layout, _, _ = _json_kv_layout(tokenizer, rng, 0.0, 256)
+        layout, _, _ = _json_kv_layout(fmt, rng, 0.0, 256)
     elif task == "ruler_vt":
-        layout, _, _ = _vt_layout(tokenizer, rng, 256)
+        layout, _, _ = _vt_layout(fmt, rng, 256)
     elif task in NIAH_TASKS:
-        layout, _, _ = _niah_layout(tokenizer, rng, NIAH_TASKS[task], 0.0, 256)
+        layout, _, _ = _niah_layout(fmt, rng, NIAH_TASKS[task], 0.0, 256)
     else:
         raise ConfigError(f"unknown synthetic task {task!r}; known: {list(SYNTHETIC_TASKS)}")
-    return len(prompts.encode(tokenizer, layout.render(layout.context(0, None))))
+    return len(fmt.encode(layout.render(layout.context(0, None))))

@@ -32,7 +32,9 @@ from prolong_lit.errors import ConfigError
 from prolong_lit.parallel.strategy import AC_POLICIES
 
 # the attention kernels' operators as the dispatcher sees them: SDPA's fused kernels (CPU flash, CUDA flash,
-# memory-efficient, cuDNN) and flash-attn's own (registered torch custom ops since flash-attn 2.7)
+# memory-efficient, cuDNN), flash-attn's own (registered torch custom ops since flash-attn 2.7) and torch's varlen
+# attention (`torch.nn.attention.varlen`: the custom op, and the aten FA2 kernel it calls). FlashAttention-4 is an
+# autograd.Function around CuTe DSL kernels, no dispatcher op: under `selective` its forward is recomputed.
 ATTENTION_OP_NAMES = (
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_flash_attention",
@@ -40,6 +42,8 @@ ATTENTION_OP_NAMES = (
     "aten::_scaled_dot_product_cudnn_attention",
     "flash_attn::_flash_attn_varlen_forward",
     "flash_attn::_flash_attn_forward",
+    "torch_attn::_varlen_attn",
+    "aten::_flash_attention_forward",
 )
 
 

@@ -24,10 +24,16 @@ from torch.distributed.tensor import DTensor
 
 from prolong_lit.checkpoint import HF_CONFIG_KEY, run_metadata
 from prolong_lit.data.format import PackedBatch
-from prolong_lit.model.attention import resolve_attn_implementation, sequence_parallel_attn_name
+from prolong_lit.model.attention import (
+    chosen_kernel,
+    default_device,
+    resolve_attn_implementation,
+    sequence_parallel_attn_name,
+)
 from prolong_lit.model.config import architecture, build_llama_config
 from prolong_lit.model.liger_loss import check_liger_available, liger_cross_entropy_sum
 from prolong_lit.model.loss import chunked_cross_entropy_sum
+from prolong_lit.model.offload_norm import offloaded_on_device_mesh, offloaded_total_norm
 from prolong_lit.model.optim import (
     AdamW,
     OptimizerFactory,
@@ -94,6 +100,7 @@ class LongContextLM(pl.LightningModule):
         if seq_len is not None:
             self._check_seq_len(seq_len)
         self.model = None  # LlamaForCausalLM, built in configure_model
+        self.attn_kernel: str | None = None  # the attention kernel that runs (fa4, flash, ...), set there too
         self.tokenizer_name: str | None = None  # from the prepared data's manifest, recorded in checkpoints
         self._plan: ParallelPlan | None = None  # set_parallel_plan, else the trainer's strategy's (parallel_plan)
         self._sp_checked_stages: set[str] = set()  # stages whose first batch the SP group compared
@@ -163,8 +170,10 @@ class LongContextLM(pl.LightningModule):
             attn_name = sequence_parallel_attn_name(attn_name)  # the twin that can exchange heads for sequence
         self.model = build_parallel_llama(self.llama_settings.name_or_path, self.hf_config, attn_name, plan,
                                           compile_blocks=self.kernels.compile_blocks)
-        log.info("built %s: %.1fM parameters, attention %s%s", self.llama_settings.name_or_path,
-                 sum(p.numel() for p in self.model.parameters()) / 1e6, attn_name,
+        device = self.trainer.strategy.root_device if self._trainer is not None else default_device()
+        self.attn_kernel = chosen_kernel(attn_name, device)  # recorded with the run's hyper-parameters (on_fit_start)
+        log.info("built %s: %.1fM parameters, attention %s (kernel %s on %s)%s", self.llama_settings.name_or_path,
+                 sum(p.numel() for p in self.model.parameters()) / 1e6, attn_name, self.attn_kernel, device,
                  "" if plan.shard_mesh is None else f", sharded ({plan.sharding})")
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
@@ -174,6 +183,13 @@ class LongContextLM(pl.LightningModule):
         documents cross chunk boundaries (`sequence_exchange`) attention exchanges heads for sequence within
         this rank's group."""
         extra = {SP_KWARG: self.sequence_parallel} if batch.sequence_exchange else {}
+        # the boundaries as host ints for attention: the collate's, else read back once here, not once per layer.
+        # Not with compiled blocks: a tuple whose length changes with every batch would recompile the layers;
+        # docmask then reads them per layer (the GPU kernels never need them: they take cu_seq_lens as it is).
+        if self.kernels.compile_blocks:
+            bounds = None
+        else:
+            bounds = batch.doc_bounds if batch.doc_bounds is not None else tuple(batch.cu_seq_lens.tolist())
         out = self.model.model(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
@@ -183,6 +199,7 @@ class LongContextLM(pl.LightningModule):
             max_length_k=int(batch.max_seqlen),
             use_cache=False,
             docmask_block_size=self.kernels.docmask_block_size,
+            doc_bounds=bounds,
             **extra,
         )
         return out.last_hidden_state  # (B, L, d)
@@ -301,6 +318,12 @@ class LongContextLM(pl.LightningModule):
         """Refuse a bad optimizer or schedule setting before anything runs (the CLI calls it before `fit`)."""
         check_optimizer_settings(self.optimizer_factory, self.scheduler_factory, max_steps)
 
+    def on_fit_start(self) -> None:
+        """Record the attention kernel that runs beside the hyper-parameters (hparams.yaml, TensorBoard): not in
+        `hparams` itself, which a resume passes back to __init__."""
+        for logger in self.loggers:
+            logger.log_hyperparams({"attn_kernel": self.attn_kernel})
+
     def on_train_start(self) -> None:
         """On a resume whose config changed the optimizer's or the schedule's settings (a new learning rate, say),
         those apply from the resumed step on instead of the restored ones (the moments are kept)."""
@@ -340,7 +363,10 @@ def pre_clip_grad_norm(optimizer: torch.optim.Optimizer) -> tuple[list[torch.nn.
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not params:
         return params, None
-    return params, torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+    grads = [p.grad for p in params]
+    if offloaded_on_device_mesh(grads):  # FSDP2 CPU offload under NCCL: no CPU backend to reduce CPU tensors
+        return params, offloaded_total_norm(grads)
+    return params, torch.nn.utils.get_total_norm(grads, norm_type=2.0)
 
 
 def _full(norm: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,10 @@ class KernelSettings:
     """Which kernels run the attention, the loss and the decoder layers.
 
     Args:
-        attn_implementation: auto (FlashAttention-2 varlen on CUDA with flash-attn, exact document-masked SDPA
-            otherwise), flash, docmask, or transformers' sdpa/eager (a dense L x L packed mask; comparisons only).
+        attn_implementation: auto (on CUDA the fastest kernel present: fa4, flash, torch_varlen; the exact
+            document-masked SDPA on CPU, and on CUDA with a loud warning when none is), fa4 (FlashAttention-4),
+            flash (FlashAttention-2), torch_varlen (torch.nn.attention.varlen), docmask, or transformers'
+            sdpa/eager (a dense L x L packed mask; comparisons only).
         docmask_block_size: queries per SDPA call in the document-masked attention (memory ~ block x document
             length).
         loss_chunk_size: tokens per chunk of the LM head + cross-entropy (the full logits never exist; ProLong's
