@@ -10,15 +10,13 @@ registered forward method of `lm_head`, so the head's weight is gathered once pe
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import register_fsdp_forward_method
 
 from prolong_lit.constants import IGNORE_INDEX
 from prolong_lit.errors import ConfigError
-from prolong_lit.model.loss import loss_positions
+from prolong_lit.model.loss import fsdp_forward_method, loss_positions
 
 LIGER_METHOD = "liger_cross_entropy_sum"
 
@@ -51,12 +49,7 @@ def _head_liger_sum(lm_head: nn.Linear, states: torch.Tensor, targets: torch.Ten
 
 
 def _liger_method(lm_head: nn.Module):
-    method = getattr(lm_head, LIGER_METHOD, None)
-    if method is None:
-        setattr(lm_head, LIGER_METHOD, types.MethodType(_head_liger_sum, lm_head))
-        register_fsdp_forward_method(lm_head, LIGER_METHOD)
-        method = getattr(lm_head, LIGER_METHOD)
-    return method
+    return fsdp_forward_method(lm_head, LIGER_METHOD, _head_liger_sum)
 
 
 def liger_cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,

@@ -122,15 +122,21 @@ def head_cross_entropy_sum(lm_head: nn.Linear, states: torch.Tensor, targets: to
     return ChunkedLinearCrossEntropy.apply(states, weight, targets, chunk_size, compute_dtype_of(weight))
 
 
-def head_loss_method(lm_head: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
-    """`lm_head`'s chunked-loss method, set on first use and registered as an FSDP2 forward method (a no-op
-    when the head is not an FSDP module), so that FSDP2 gathers the weight for it as for `forward`."""
-    method = getattr(lm_head, HEAD_LOSS_METHOD, None)
+def fsdp_forward_method(module: nn.Module, name: str, function: Callable) -> Callable:
+    """`function` bound to `module` as its method `name`, set on first use and registered as an FSDP2 forward
+    method (a no-op when the module is not an FSDP module), so that FSDP2 gathers the weight for it as for
+    `forward`. The chunked loss and Liger's fused loss both run on the LM head this way."""
+    method = getattr(module, name, None)
     if method is None:
-        setattr(lm_head, HEAD_LOSS_METHOD, types.MethodType(head_cross_entropy_sum, lm_head))
-        register_fsdp_forward_method(lm_head, HEAD_LOSS_METHOD)
-        method = getattr(lm_head, HEAD_LOSS_METHOD)
+        setattr(module, name, types.MethodType(function, module))
+        register_fsdp_forward_method(module, name)
+        method = getattr(module, name)
     return method
+
+
+def head_loss_method(lm_head: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """`lm_head`'s chunked-loss method (`fsdp_forward_method`)."""
+    return fsdp_forward_method(lm_head, HEAD_LOSS_METHOD, head_cross_entropy_sum)
 
 
 def loss_positions(hidden: torch.Tensor, labels: torch.Tensor, labels_shifted: bool
