@@ -12,11 +12,13 @@ import os
 import re
 import shutil
 from pathlib import Path
-
-from tokenizers import processors
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from prolong_lit.errors import ConfigError, MissingPathError
+from prolong_lit.tokenizer_vocab import vocabulary_size_of
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is built or loaded: `vocabulary_size` needs neither
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ def build_llama3_tokenizer(output_dir: str | Path, overwrite: bool = False, sett
         import llama_models.llama3
     except ImportError as err:  # pragma: no cover - llama-models is a hard dependency
         raise ImportError("building the Llama-3 tokenizer needs the `llama-models` package") from err
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     ranks_file = Path(llama_models.llama3.__file__).parent / "tokenizer.model"
@@ -168,11 +172,9 @@ def _check_llama3_ids(tokenizer: PreTrainedTokenizerBase) -> None:
         raise RuntimeError(f"Llama-3 tokenizer build is wrong: vocab {len(tokenizer)}, expected 128256")
 
 
-def load_tokenizer(path: str | Path, setting: str = "tokenizer") -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local directory; `llama3` means the offline-built Llama-3 tokenizer.
-
-    `setting` names the config key in the error raised when the directory is missing.
-    """
+def tokenizer_dir(path: str | Path, setting: str = "tokenizer") -> Path:
+    """The local directory a tokenizer setting names; `llama3` means the offline-built Llama-3 tokenizer (built
+    on first use). `setting` names the config key in the error raised when the directory is missing."""
     if str(path) == "llama3":
         path = default_llama3_tokenizer_dir()
         if not (path / "tokenizer.json").exists():
@@ -183,4 +185,21 @@ def load_tokenizer(path: str | Path, setting: str = "tokenizer") -> PreTrainedTo
             f"{setting}: tokenizer directory {str(path)!r} does not exist "
             "(give a local Hugging Face tokenizer directory, or `llama3` for the built-in Llama-3 tokenizer)"
         )
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return path
+
+
+def load_tokenizer(path: str | Path, setting: str = "tokenizer") -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local directory, or `llama3` (see tokenizer_dir)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir(path, setting)), local_files_only=True)
+
+
+def vocabulary_size(path: str | Path, setting: str = "tokenizer") -> int:
+    """len(load_tokenizer(path)) without loading it, from the directory's tokenizer.json (~0.1 s for Llama-3's,
+    where importing transformers and loading take ~2 s): what `prepare` needs of a tokenizer for data that is
+    already tokenized. A directory without tokenizer.json (a slow tokenizer) is loaded."""
+    directory = tokenizer_dir(path, setting)
+    if not (directory / "tokenizer.json").is_file():
+        return len(load_tokenizer(directory, setting))
+    return vocabulary_size_of(directory / "tokenizer.json")

@@ -324,8 +324,8 @@ def test_demo_config_parses_and_validates(tmp_path):
         "prose": ("concat", ["pydoc_topics"]),
         "docstrings": ("concat", ["python_docstrings"]),
     }
-    tokenizer, eos_id = validate(config)
-    assert eos_id == EOS and len(tokenizer) == 128256
+    tokenizer, eos_id, vocab_size = validate(config)
+    assert eos_id == EOS and len(tokenizer) == vocab_size == 128256
     assert not (tmp_path / "demo").exists()
 
 

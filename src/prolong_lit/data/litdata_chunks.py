@@ -12,8 +12,10 @@ them into the same dicts:
   keys sorted, the config as `litdata_config` gives it.
 
 Chunks are written by whoever calls `write_chunk` (any process, in any order): their contents and names are given
-by the caller. `write_chunk` returns each chunk's sha256 and `write_index` pins `updated_at` to a digest of those
-(the sha256 of the chunk digests in order), so the index, too, is a function of the contents alone.
+by the caller. `write_chunk` returns each chunk's digest (xxHash's XXH3-128: ~8 GB/s on one core where sha256 does
+~1.1, and a digest only has to change when the contents do: litdata uses `updated_at` to name its cache of a
+remote copy) and `write_index` pins `updated_at` to the sha256 of those digests in order, so the index, too, is a
+function of the contents alone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
 
 def chunk_name(k: int) -> str:
@@ -32,30 +35,43 @@ def chunk_name(k: int) -> str:
     return f"chunk-0-{k}.bin"
 
 
-def chunk_bytes_int(chunk_bytes: str | int) -> int:
-    from litdata.utilities.format import _convert_bytes_to_int
+# litdata's size suffixes (litdata.utilities.format._FORMAT_TO_RATIO), tried in this order: decimal units.
+SIZE_SUFFIXES = {"tb": 10**12, "gb": 10**9, "mb": 10**6, "kb": 10**3, "t": 10**12, "g": 10**9, "m": 10**6,
+                 "k": 10**3, "b": 1}
+# litdata's numpy dtype codes (litdata.constants._NUMPY_DTYPES_MAPPING), the numeric ones.
+DTYPE_CODES = {np.dtype(name): code for code, name in enumerate(
+    ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64"])}
+# This module imports no litdata: importing it costs ~0.5 s with a cold page cache, a third of converting 1 GB.
 
-    return chunk_bytes if isinstance(chunk_bytes, int) else _convert_bytes_to_int(chunk_bytes)
+
+def chunk_bytes_int(chunk_bytes: str | int) -> int:
+    """A size like `64MB` in bytes, as litdata reads it (decimal units)."""
+    if isinstance(chunk_bytes, int):
+        return chunk_bytes
+    raw = chunk_bytes.lower().strip()
+    suffix = next((suffix for suffix in SIZE_SUFFIXES if raw.endswith(suffix)), None)
+    if suffix is None:
+        raise ValueError(f"{chunk_bytes!r}: a size needs a unit ({', '.join(SIZE_SUFFIXES)})")
+    return int(float(raw[: -len(suffix)]) * SIZE_SUFFIXES[suffix])
 
 
 def litdata_config(chunk_bytes: str | int, sample: dict[str, np.ndarray]) -> dict[str, Any]:
     """index.json's config for samples shaped as `sample` (its keys in order, 1-D arrays), as litdata's
-    BinaryWriter.get_config writes it for an uncompressed, unencrypted PyTreeLoader dataset."""
-    from litdata.constants import _NUMPY_DTYPES_MAPPING
-    from litdata.utilities._pytree import tree_flatten, treespec_dumps
-
-    dtype_index = {dtype: i for i, dtype in _NUMPY_DTYPES_MAPPING.items()}
+    BinaryWriter.get_config writes it for an uncompressed, unencrypted PyTreeLoader dataset (its `data_spec` is
+    litdata's pytree `treespec_dumps` of a flat dict)."""
     for key, leaf in sample.items():
         if not isinstance(leaf, np.ndarray) or leaf.ndim != 1:
             raise TypeError(f"{key}: a leaf must be a 1-D numpy array (got {type(leaf).__name__})")
+    leaf_spec = {"type": None, "context": None, "children_spec": []}
+    spec = {"type": "builtins.dict", "context": json.dumps(list(sample)), "children_spec": [leaf_spec] * len(sample)}
     return {
         "chunk_bytes": chunk_bytes_int(chunk_bytes),
         "chunk_size": None,
         "compression": None,
         "compression_batch_size": None,
         "compression_level": None,
-        "data_format": [f"no_header_numpy:{dtype_index[leaf.dtype]}" for leaf in sample.values()],
-        "data_spec": treespec_dumps(tree_flatten(sample)[1]),
+        "data_format": [f"no_header_numpy:{DTYPE_CODES[leaf.dtype]}" for leaf in sample.values()],
+        "data_spec": json.dumps([1, spec]),
         "encryption": None,
         "ipc_compression": None,
         "item_loader": "PyTreeLoader",
@@ -65,7 +81,7 @@ def litdata_config(chunk_bytes: str | int, sample: dict[str, np.ndarray]) -> dic
 
 def write_chunk(path: Path, items: Sequence[Sequence[np.ndarray]]) -> tuple[int, bytes]:
     """Write one chunk file of `items` (each its leaves in the config's order, 1-D C-contiguous arrays of the
-    config's dtypes) without copying the leaves; returns (file size, sha256 digest of the file)."""
+    config's dtypes) without copying the leaves; returns (file size, XXH3-128 digest of the file)."""
     if not items:
         raise ValueError(f"{path}: a chunk holds at least one item")
     sizes = np.array([[leaf.nbytes for leaf in item] for item in items], np.uint32)
@@ -75,7 +91,7 @@ def write_chunk(path: Path, items: Sequence[Sequence[np.ndarray]]) -> tuple[int,
     if ends[-1] >= 1 << 32:
         raise ValueError(f"{path}: a chunk of {int(ends[-1])} bytes does not fit litdata's uint32 offsets")
     header = np.concatenate([[len(items), header_bytes], ends]).astype(np.uint32)
-    digest = hashlib.sha256()
+    digest = xxhash.xxh3_128()
     try:
         with open(path, "wb") as f:
             for buffer in _buffers(header, sizes, items):
@@ -99,7 +115,7 @@ def _buffers(header: np.ndarray, sizes: np.ndarray, items: Sequence[Sequence[np.
 
 
 def write_index(out: Path, chunks: Sequence[tuple[str, int, int, bytes]], config: dict[str, Any]) -> None:
-    """index.json of the chunk files (filename, bytes, items, sha256 digest), in order; `updated_at` is the
+    """index.json of the chunk files (filename, bytes, items, digest), in order; `updated_at` is the
     sha256 of the chunk digests concatenated in order (its first 32 hex digits)."""
     digest = hashlib.sha256(b"".join(chunk[3] for chunk in chunks))
     index = {

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,70 +114,119 @@ def _source_shards(source: Any, setting: str, seq_len: int) -> list[Shard]:
     return shards
 
 
+@dataclass
+class ConvertedRows:
+    """Rows converted by `convert_rows`, in order: what a chunk stores of each, and the counts of the manifest."""
+
+    input_ids: list[np.ndarray]  # int32 (a view of the stored ids when they are 4-byte integers)
+    doc_lengths: list[np.ndarray]  # int32
+    masks: list[np.ndarray | None]  # uint8 loss mask, None where the row has neither a mask nor a gap
+    counts: Counter
+    max_token_id: int
+
+
 def convert_row(sample: dict, seq_len: int, vocab_size: int, where: str) -> tuple[np.ndarray, np.ndarray,
                                                                                    np.ndarray | None, Counter]:
-    """(int32 input_ids, int32 doc_lengths, uint8 loss mask or None, counts) of one stored row; see the module
-    docstring for the rules. Raises ValueError naming `where` (file and sample) for a bad row."""
-    ids = sample[INPUT_IDS]
-    if ids.ndim != 1 or ids.dtype.kind not in "ui":
-        raise DataError(f"{where}: {INPUT_IDS} must be a 1-D integer array (got {ids.dtype} of shape {ids.shape})")
-    if len(ids) != seq_len:
-        raise DataError(f"{where}: a row of {len(ids)} tokens; seq_len is {seq_len} and mode rows keeps rows as "
-                         "stored (prepare with the seq_len the data was packed at)")
-    if LENGTH in sample and int(sample[LENGTH]) != len(ids):
-        raise DataError(f"{where}: column {LENGTH!r} says {sample[LENGTH]} tokens, the row holds {len(ids)}")
-    if len(ids) and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):  # two reductions, no temporary array
-        at = int(np.argmax((ids >= vocab_size) | (ids < 0)))
-        raise DataError(f"{where}: token id {int(ids[at])} at position {at} is outside the tokenizer's "
-                         f"vocabulary of {vocab_size}")
-    mask = None
-    if MASK in sample:
-        mask = sample[MASK]
-        if mask.shape != (seq_len,) or mask.dtype.kind not in "ui" or mask.min() < 0 or mask.max() > 1:
-            raise DataError(f"{where}: {MASK} must be {seq_len} values of 0 or 1 (got shape {mask.shape})")
-        mask = mask.astype(np.uint8)
-    spans = _spans(sample.get(INDICES), seq_len, where)
-    covered = spans[spans[:, 1] > spans[:, 0]]  # empty spans hold no token
-    # gap k: the uncovered run before span k; the tail: after the last span. Each is its own document.
-    gap_starts = np.concatenate([[0], covered[:, 1]])[: len(covered)]
-    pieces = np.stack([covered[:, 0] - gap_starts, covered[:, 1] - covered[:, 0]], axis=1).ravel()
-    tail = seq_len - (int(covered[-1, 1]) if len(covered) else 0)
-    lengths = np.concatenate([pieces, [tail]])
-    gaps = [(int(a), int(b)) for a, b in zip(gap_starts, covered[:, 0]) if b > a]
-    gaps += [(seq_len - tail, seq_len)] if tail else []
-    for a, b in gaps:  # never trained on
-        mask = np.ones(seq_len, np.uint8) if mask is None else mask
-        mask[a:b] = 0
-    counts = Counter(read=len(spans), kept=len(covered), empty_spans=len(spans) - len(covered),
-                     uncovered_gaps=len(gaps), uncovered=sum(b - a for a, b in gaps))
-    return ids.astype(np.int32), lengths[lengths > 0].astype(np.int32), mask, counts
+    """(int32 input_ids, int32 doc_lengths, uint8 loss mask or None, counts) of one stored row: `convert_rows`
+    of that row alone."""
+    rows = convert_rows([sample], seq_len, vocab_size, lambda k: where)
+    return rows.input_ids[0], rows.doc_lengths[0], rows.masks[0], rows.counts
 
 
-def _spans(indices: np.ndarray | None, seq_len: int, where: str) -> np.ndarray:
-    """The row's [start, end) spans as int64 (n, 2), checked: integer, start <= end, sorted, not overlapping,
-    inside the row. No indices column: one span over the whole row."""
-    if indices is None:
-        return np.array([[0, seq_len]], np.int64)
-    if indices.ndim != 2 or indices.shape[1] != 2 or indices.dtype.kind not in "ui":
-        raise DataError(f"{where}: {INDICES} must be integer [start, end) pairs of shape (n, 2), got "
-                         f"{indices.dtype} {indices.shape}")
-    spans = indices.astype(np.int64)
-    starts, stops = spans[:, 0], spans[:, 1]
-    before = np.concatenate([[[0, 0]], spans[:-1]])  # the span before each one
+def convert_rows(samples: Sequence[dict], seq_len: int, vocab_size: int, where: Callable[[int], str]) -> ConvertedRows:
+    """Convert and check stored rows (see the module docstring for the rules). The per-row part is a few array
+    reductions; the document spans of all the rows are checked and turned into lengths together, in arrays
+    (rows of ProLong's data hold up to hundreds of documents). Raises a DataError naming `where(k)` (file and
+    sample) for a bad row k."""
+    ids_out, masks, spans, max_token_id = [], [], [], -1
+    for k, sample in enumerate(samples):
+        ids = sample[INPUT_IDS]
+        if ids.ndim != 1 or ids.dtype.kind not in "ui":
+            raise DataError(f"{where(k)}: {INPUT_IDS} must be a 1-D integer array (got {ids.dtype} of shape "
+                            f"{ids.shape})")
+        if len(ids) != seq_len:
+            raise DataError(f"{where(k)}: a row of {len(ids)} tokens; seq_len is {seq_len} and mode rows keeps rows "
+                            "as stored (prepare with the seq_len the data was packed at)")
+        if LENGTH in sample and int(sample[LENGTH]) != len(ids):
+            raise DataError(f"{where(k)}: column {LENGTH!r} says {sample[LENGTH]} tokens, the row holds {len(ids)}")
+        top = int(ids.max()) if len(ids) else -1
+        if top >= vocab_size or (ids.dtype.kind == "i" and len(ids) and int(ids.min()) < 0):
+            at = int(np.argmax((ids >= vocab_size) | (ids < 0)))
+            raise DataError(f"{where(k)}: token id {int(ids[at])} at position {at} is outside the tokenizer's "
+                            f"vocabulary of {vocab_size}")
+        max_token_id = max(max_token_id, top)
+        # Every id is now in [0, vocab_size) and vocab_size < 2**31: 4-byte ids have the same bytes as int32.
+        ids_out.append(ids.view(np.int32) if ids.dtype.itemsize == 4 else ids.astype(np.int32))
+        mask = sample.get(MASK)
+        if mask is not None:
+            if mask.shape != (seq_len,) or mask.dtype.kind not in "ui" or (
+                    seq_len and (int(mask.max()) > 1 or (mask.dtype.kind == "i" and int(mask.min()) < 0))):
+                raise DataError(f"{where(k)}: {MASK} must be {seq_len} values of 0 or 1 (got shape {mask.shape})")
+            mask = mask if mask.dtype == np.uint8 else mask.astype(np.uint8)
+        masks.append(mask)
+        indices = sample.get(INDICES)
+        if indices is not None and (indices.ndim != 2 or indices.shape[1] != 2 or indices.dtype.kind not in "ui"):
+            raise DataError(f"{where(k)}: {INDICES} must be integer [start, end) pairs of shape (n, 2), got "
+                            f"{indices.dtype} {indices.shape}")
+        spans.append(indices if indices is not None else np.array([[0, seq_len]], np.int64))
+    doc_lengths, gaps, counts = _documents(spans, seq_len, where)
+    for k, a, b in gaps:  # never trained on
+        masks[k] = np.ones(seq_len, np.uint8) if masks[k] is None else np.array(masks[k])
+        masks[k][a:b] = 0
+    return ConvertedRows(ids_out, doc_lengths, masks, counts, max_token_id)
+
+
+def _documents(spans: list[np.ndarray], seq_len: int, where: Callable[[int], str]
+               ) -> tuple[list[np.ndarray], list[tuple[int, int, int]], Counter]:
+    """Each row's document lengths from its [start, end) spans, checked (integer, start <= end, sorted, not
+    overlapping, inside the row); the uncovered runs (row, start, end); the counts."""
+    per_row = np.array([len(s) for s in spans])
+    all_spans = np.concatenate(spans).astype(np.int64) if spans else np.zeros((0, 2), np.int64)
+    row = np.repeat(np.arange(len(spans)), per_row)
+    first = np.zeros(len(all_spans), bool)
+    first[np.cumsum(per_row)[per_row > 0] - per_row[per_row > 0]] = True  # each row's first span
+    before = np.concatenate([[[0, 0]], all_spans[:-1]])  # the span before each one, [0, 0] for a row's first
+    before[first] = 0
+    starts, stops = all_spans[:, 0], all_spans[:, 1]
     problems = [  # in the order they are reported for one span
         ((starts < 0) | (stops < starts), "is not a span (start > end)"),
         (stops > seq_len, f"runs past the row of {seq_len} tokens"),
-        (starts < before[:, 0], "is out of order: {INDICES} are not sorted by start"),
+        (starts < before[:, 0], f"is out of order: {INDICES} are not sorted by start"),
         (starts < before[:, 1], "overlaps the span before it"),
     ]
     flagged = np.logical_or.reduce([flags for flags, _ in problems])
     if flagged.any():
-        k = int(np.argmax(flagged))
-        what = next(message for flags, message in problems if flags[k])
-        previous = f" (after [{before[k, 0]}, {before[k, 1]}))" if k else ""
-        raise DataError(f"{where}: {INDICES}[{k}] = [{starts[k]}, {stops[k]}) " + what.format(INDICES=INDICES)
-                         + previous)
-    return spans
+        at = int(np.argmax(flagged))
+        k, j = int(row[at]), at - int(np.cumsum(per_row)[row[at]] - per_row[row[at]])
+        what = next(message for flags, message in problems if flags[at])
+        previous = f" (after [{before[at, 0]}, {before[at, 1]}))" if j else ""
+        raise DataError(f"{where(k)}: {INDICES}[{j}] = [{starts[at]}, {stops[at]}) {what}{previous}")
+    covered = stops > starts  # an empty span holds no token
+    c_row, c_start, c_stop = row[covered], starts[covered], stops[covered]
+    c_first = np.ones(len(c_row), bool)
+    c_first[1:] = c_row[1:] != c_row[:-1]
+    gap_start = np.concatenate([[0], c_stop[:-1]])  # where the run before each covered span starts
+    gap_start[c_first] = 0
+    # Each row: (gap, span) for each covered span, then the tail after its last covered span.
+    kept = np.bincount(c_row, minlength=len(spans))
+    last_stop = np.zeros(len(spans), np.int64)
+    last_stop[kept > 0] = c_stop[np.cumsum(kept)[kept > 0] - 1]
+    tail = seq_len - last_stop
+    pieces = np.stack([c_start - gap_start, c_stop - c_start], axis=1).ravel()
+    ends = np.cumsum(2 * kept)
+    lengths = np.insert(pieces, ends, tail)  # tail k goes after row k's pieces
+    row_of_length = np.repeat(np.arange(len(spans)), 2 * kept + 1)
+    nonzero = lengths > 0
+    doc_lengths = np.split(lengths[nonzero].astype(np.int32), np.cumsum(np.bincount(row_of_length[nonzero],
+                                                                                   minlength=len(spans)))[:-1])
+    gap_rows = np.concatenate([c_row, np.arange(len(spans))])
+    gap_runs = np.concatenate([np.stack([gap_start, c_start], 1), np.stack([last_stop, np.full(len(spans), seq_len)], 1)])
+    is_gap = gap_runs[:, 1] > gap_runs[:, 0]
+    order = np.lexsort((gap_runs[is_gap, 0], gap_rows[is_gap]))
+    gaps = [(int(k), int(a), int(b)) for k, (a, b) in zip(gap_rows[is_gap][order], gap_runs[is_gap][order])]
+    counts = Counter(read=len(all_spans), kept=int(covered.sum()), empty_spans=int((~covered).sum()),
+                     uncovered_gaps=len(gaps), uncovered=sum(b - a for _, a, b in gaps))
+    return doc_lengths, gaps, counts
 
 
 @dataclass
@@ -209,36 +259,32 @@ def shard_chunk_rows(rows: int, row_bytes: int, chunk_bytes: int) -> list[int]:
     return [rows // n + (k < rows % n) for k in range(n)] if rows else []
 
 
+# Each worker process reads its shards into one buffer, reused from shard to shard (mds.read_shard).
+_READ_BUFFER = bytearray()
+
+
 def _convert_shard(task: _ShardTask) -> _ShardResult:
     """Convert and check every row of one shard, then write its chunks (unless a row needs a loss mask that the
-    domain was not planned with: build_rows_domain then converts every shard again, with one)."""
+    domain was not planned with: build_rows_domain then converts every shard again, with one). The chunks hold
+    views of the shard as read: no row is copied on the way."""
     from prolong_lit.data.litdata_chunks import chunk_name, write_chunk
 
-    n, seq_len = task.shard.samples, task.seq_len
-    ids = np.empty((n, seq_len), np.int32)
-    mask = None
-    lengths, counts = [], Counter()
-    for k, sample in iter_samples(task.shard, task.columns, task.setting):
-        where = f"{task.setting}: {task.shard.path} sample {k}"
-        ids[k], doc_lengths, row_mask, row_counts = convert_row(sample, seq_len, task.vocab_size, where)
-        if row_mask is not None:
-            mask = np.ones((n, seq_len), np.uint8) if mask is None else mask
-            mask[k] = row_mask
-        lengths.append(doc_lengths)
-        counts.update(row_counts)
+    samples = [sample for _, sample in iter_samples(task.shard, task.columns, task.setting, _READ_BUFFER)]
+    rows = convert_rows(samples, task.seq_len, task.vocab_size,
+                        lambda k: f"{task.setting}: {task.shard.path} sample {k}")
+    needs_mask = any(mask is not None for mask in rows.masks)
     chunks = []
-    if mask is None or task.has_mask:
-        if task.has_mask and mask is None:
-            mask = np.broadcast_to(np.ones(seq_len, np.uint8), (n, seq_len))  # every row's is one array of ones
+    if task.has_mask or not needs_mask:
+        ones = np.ones(task.seq_len, np.uint8)  # the mask of every row that has none
+        leaves = [(ids, lengths, ones if mask is None else mask) if task.has_mask else (ids, lengths)
+                  for ids, lengths, mask in zip(rows.input_ids, rows.doc_lengths, rows.masks)]
         first = 0
-        for j, rows in enumerate(task.chunk_rows):
-            span = range(first, first + rows)
-            items = [(ids[r], lengths[r], mask[r]) if task.has_mask else (ids[r], lengths[r]) for r in span]
+        for j, count in enumerate(task.chunk_rows):
             name = chunk_name(task.first_chunk + j)
-            size, digest = write_chunk(task.out / name, items)
-            chunks.append((name, size, rows, digest))
-            first += rows
-    return _ShardResult(chunks, mask is not None, counts, int(ids.max()) if n else -1)
+            size, digest = write_chunk(task.out / name, leaves[first: first + count])
+            chunks.append((name, size, count, digest))
+            first += count
+    return _ShardResult(chunks, needs_mask, rows.counts, rows.max_token_id)
 
 
 def _columns(source: Any) -> tuple[str, ...]:
