@@ -42,6 +42,7 @@ import numpy as np
 from prolong_lit.data.format import DOC_LENGTHS, LOSS_MASK, DomainStats
 from prolong_lit.data.mds import SCALARS, Shard, check_columns, check_shard, iter_samples, read_index
 from prolong_lit.data.pool import ordered_map
+from prolong_lit.data.read_ahead import ReadAhead
 from prolong_lit.data.sources import LOSS_ON
 from prolong_lit.errors import ConfigError, DataError
 
@@ -319,8 +320,11 @@ def build_rows_domain(
         tasks = (_ShardTask(shard, setting, seq_len, vocab_size, columns, int(first), chunk_rows, has_mask, out)
                  for (setting, shard, columns), first, chunk_rows in zip(shards, first_chunks, plan))
         chunks, counts, max_token_id, needs_mask = [], Counter(), -1, False
-        with tqdm(total=rows, desc=f"converting {name}", unit="row", disable=None) as progress:
-            for (_, shard, _), result in zip(shards, ordered_map(_convert_shard, tasks, num_workers)):
+        # ordered_map keeps up to 2 x num_workers shards in flight; the read-ahead runs two shards further.
+        with ReadAhead([shard.path for _, shard, _ in shards], ahead=2 * max(1, num_workers) + 2) as read_ahead, \
+                tqdm(total=rows, desc=f"converting {name}", unit="row", disable=None) as progress:
+            for i, ((_, shard, _), result) in enumerate(zip(shards, ordered_map(_convert_shard, tasks, num_workers))):
+                read_ahead.done(i)
                 chunks += result.chunks
                 counts.update(result.counts)
                 max_token_id = max(max_token_id, result.max_token_id)
