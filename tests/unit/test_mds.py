@@ -134,6 +134,45 @@ def test_uncovered_tokens_become_masked_documents_of_their_own():
     assert dict(counts) == {"read": 3, "kept": 2, "empty_spans": 1, "uncovered_gaps": 3, "uncovered": 19}
 
 
+def reference_documents(spans, mask, seq_len):
+    """The rule of mode rows in plain Python, one row: each non-empty span a document, each uncovered run a
+    document never trained on; (lengths, loss mask or None, uncovered runs)."""
+    lengths, train, pos, runs = [], None if mask is None else [int(m) for m in mask], 0, []
+    for start, end in [*[(a, b) for a, b in spans if a < b], (seq_len, seq_len)]:
+        if start > pos:  # uncovered: its own document, not trained on
+            lengths.append(start - pos)
+            runs.append(start - pos)
+            train = train or [1] * seq_len
+            train[pos:start] = [0] * (start - pos)
+        if end > start:
+            lengths.append(end - start)
+        pos = max(pos, end)
+    return lengths, train, runs
+
+
+def test_a_shard_of_rows_converts_as_each_row_by_the_plain_rule():
+    """convert_rows works on a whole shard's spans at once: random rows (gaps, empty spans, no spans, no indices
+    column, masks) give each row's documents, mask and counts as the one-row-at-a-time rule does."""
+    from prolong_lit.data.rows import convert_rows
+
+    rng = np.random.default_rng(0)
+    samples, expected = [], []
+    for k in range(300):
+        cuts = np.sort(rng.choice(SEQ_LEN + 1, size=2 * int(rng.integers(0, 6)), replace=True)).reshape(-1, 2)
+        spans = [tuple(c) for c in cuts[rng.random(len(cuts)) < 0.8].tolist()]
+        mask = rng.integers(0, 2, SEQ_LEN).astype(np.uint8) if k % 3 == 0 else None
+        samples.append(row(spans=None if k % 17 == 0 else spans, mask=mask))
+        expected.append(reference_documents([(0, SEQ_LEN)] if k % 17 == 0 else spans, mask, SEQ_LEN))
+    rows = convert_rows(samples, SEQ_LEN, VOCAB, lambda k: f"sample {k}")
+    for k, (lengths, train, _) in enumerate(expected):
+        assert rows.doc_lengths[k].tolist() == lengths, k
+        assert (rows.masks[k] is None and train is None) or rows.masks[k].tolist() == train, k
+        assert rows.input_ids[k].dtype == np.int32 and rows.input_ids[k].tolist() == list(range(SEQ_LEN))
+    runs = [run for _, _, row_runs in expected for run in row_runs]
+    assert (rows.counts["uncovered_gaps"], rows.counts["uncovered"]) == (len(runs), sum(runs))
+    assert any(mask is not None for mask in rows.masks) and sum(runs) > 0  # the sample covers the cases
+
+
 @pytest.mark.parametrize(
     "sample, error",
     [

@@ -80,7 +80,7 @@ class ReadAhead:
     def _run(self) -> None:
         for i in range(self._done, len(self._paths)):  # the files before were consumed already
             with self._changed:
-                self._changed.wait_for(lambda: self._stop or i < self._done + self._ahead)
+                self._changed.wait_for(lambda i=i: self._stop or i < self._done + self._ahead)
                 if self._stop:
                     return
             if not populate(self._paths[i]):

@@ -179,16 +179,45 @@ def convert_rows(samples: Sequence[dict], seq_len: int, vocab_size: int, where: 
 
 def _documents(spans: list[np.ndarray], seq_len: int, where: Callable[[int], str]
                ) -> tuple[list[np.ndarray], list[tuple[int, int, int]], Counter]:
-    """Each row's document lengths from its [start, end) spans, checked (integer, start <= end, sorted, not
-    overlapping, inside the row); the uncovered runs (row, start, end); the counts."""
-    per_row = np.array([len(s) for s in spans])
-    all_spans = np.concatenate(spans).astype(np.int64) if spans else np.zeros((0, 2), np.int64)
-    row = np.repeat(np.arange(len(spans)), per_row)
-    first = np.zeros(len(all_spans), bool)
-    first[np.cumsum(per_row)[per_row > 0] - per_row[per_row > 0]] = True  # each row's first span
-    before = np.concatenate([[[0, 0]], all_spans[:-1]])  # the span before each one, [0, 0] for a row's first
-    before[first] = 0
-    starts, stops = all_spans[:, 0], all_spans[:, 1]
+    """Each row's document lengths from its [start, end) spans (checked by _check_spans), the uncovered runs
+    (row, start, end) in order, and the counts. A row's documents, in order: before each non-empty span the
+    uncovered run since the previous non-empty span's end (or the row's start), the span itself; after the last
+    one the uncovered tail. Zero-length ones are dropped."""
+    n = len(spans)
+    per_row = np.array([len(s) for s in spans], np.int64)
+    row = np.repeat(np.arange(n), per_row)  # the row of each span
+    all_spans = np.concatenate(spans).astype(np.int64) if n else np.zeros((0, 2), np.int64)
+    _check_spans(all_spans, row, np.cumsum(per_row) - per_row, seq_len, where)
+    covered = all_spans[:, 1] > all_spans[:, 0]  # an empty span holds no token
+    c_row, c_start, c_stop = row[covered], all_spans[covered, 0], all_spans[covered, 1]
+    run_start = np.concatenate([[0], c_stop])[: len(c_stop)]  # the previous covered span's end ...
+    run_start[np.concatenate([[True], c_row[1:] != c_row[:-1]])[: len(c_row)]] = 0  # ... or the row's start
+    kept = np.bincount(c_row, minlength=n)  # covered spans per row
+    tail_start = np.zeros(n, np.int64)
+    tail_start[kept > 0] = c_stop[np.cumsum(kept)[kept > 0] - 1]
+    pieces = np.stack([c_start - run_start, c_stop - c_start], axis=1).ravel()  # (run, span) per covered span
+    lengths = np.insert(pieces, np.cumsum(2 * kept), seq_len - tail_start)  # each row's tail after its pieces
+    row_of_length = np.repeat(np.arange(n), 2 * kept + 1)
+    nonzero = lengths > 0
+    per_row_docs = np.bincount(row_of_length[nonzero], minlength=n)
+    doc_lengths = np.split(lengths[nonzero].astype(np.int32), np.cumsum(per_row_docs)[:-1])
+    runs = np.concatenate([np.stack([c_row, run_start, c_start], 1),
+                           np.stack([np.arange(n), tail_start, np.full(n, seq_len)], 1)])
+    runs = runs[runs[:, 2] > runs[:, 1]]
+    gaps = [(k, a, b) for k, a, b in runs[np.lexsort((runs[:, 1], runs[:, 0]))].tolist()]
+    counts = Counter(read=len(all_spans), kept=int(covered.sum()), empty_spans=int((~covered).sum()),
+                     uncovered_gaps=len(gaps), uncovered=sum(b - a for _, a, b in gaps))
+    return doc_lengths, gaps, counts
+
+
+def _check_spans(spans: np.ndarray, row: np.ndarray, row_first: np.ndarray, seq_len: int,
+                 where: Callable[[int], str]) -> None:
+    """Every span (int64 (n, 2), of row `row[i]`; row k's first is `row_first[k]`) has start <= end, lies inside
+    the row, and starts at or after the start and the end of the span before it in its row. The first bad span
+    (in row order) is a DataError naming where(row) and the span's index in its row."""
+    before = np.concatenate([[[0, 0]], spans[:-1]])  # the span before each one ...
+    before[row_first[row_first < len(spans)]] = 0  # ... [0, 0] for a row's first
+    starts, stops = spans[:, 0], spans[:, 1]
     problems = [  # in the order they are reported for one span
         ((starts < 0) | (stops < starts), "is not a span (start > end)"),
         (stops > seq_len, f"runs past the row of {seq_len} tokens"),
@@ -196,38 +225,14 @@ def _documents(spans: list[np.ndarray], seq_len: int, where: Callable[[int], str
         (starts < before[:, 1], "overlaps the span before it"),
     ]
     flagged = np.logical_or.reduce([flags for flags, _ in problems])
-    if flagged.any():
-        at = int(np.argmax(flagged))
-        k, j = int(row[at]), at - int(np.cumsum(per_row)[row[at]] - per_row[row[at]])
-        what = next(message for flags, message in problems if flags[at])
-        previous = f" (after [{before[at, 0]}, {before[at, 1]}))" if j else ""
-        raise DataError(f"{where(k)}: {INDICES}[{j}] = [{starts[at]}, {stops[at]}) {what}{previous}")
-    covered = stops > starts  # an empty span holds no token
-    c_row, c_start, c_stop = row[covered], starts[covered], stops[covered]
-    c_first = np.ones(len(c_row), bool)
-    c_first[1:] = c_row[1:] != c_row[:-1]
-    gap_start = np.concatenate([[0], c_stop[:-1]])  # where the run before each covered span starts
-    gap_start[c_first] = 0
-    # Each row: (gap, span) for each covered span, then the tail after its last covered span.
-    kept = np.bincount(c_row, minlength=len(spans))
-    last_stop = np.zeros(len(spans), np.int64)
-    last_stop[kept > 0] = c_stop[np.cumsum(kept)[kept > 0] - 1]
-    tail = seq_len - last_stop
-    pieces = np.stack([c_start - gap_start, c_stop - c_start], axis=1).ravel()
-    ends = np.cumsum(2 * kept)
-    lengths = np.insert(pieces, ends, tail)  # tail k goes after row k's pieces
-    row_of_length = np.repeat(np.arange(len(spans)), 2 * kept + 1)
-    nonzero = lengths > 0
-    doc_lengths = np.split(lengths[nonzero].astype(np.int32), np.cumsum(np.bincount(row_of_length[nonzero],
-                                                                                   minlength=len(spans)))[:-1])
-    gap_rows = np.concatenate([c_row, np.arange(len(spans))])
-    gap_runs = np.concatenate([np.stack([gap_start, c_start], 1), np.stack([last_stop, np.full(len(spans), seq_len)], 1)])
-    is_gap = gap_runs[:, 1] > gap_runs[:, 0]
-    order = np.lexsort((gap_runs[is_gap, 0], gap_rows[is_gap]))
-    gaps = [(int(k), int(a), int(b)) for k, (a, b) in zip(gap_rows[is_gap][order], gap_runs[is_gap][order])]
-    counts = Counter(read=len(all_spans), kept=int(covered.sum()), empty_spans=int((~covered).sum()),
-                     uncovered_gaps=len(gaps), uncovered=sum(b - a for _, a, b in gaps))
-    return doc_lengths, gaps, counts
+    if not flagged.any():
+        return
+    at = int(np.argmax(flagged))
+    k = int(row[at])
+    j = at - int(row_first[k])
+    what = next(message for flags, message in problems if flags[at])
+    previous = f" (after [{before[at, 0]}, {before[at, 1]}))" if j else ""
+    raise DataError(f"{where(k)}: {INDICES}[{j}] = [{starts[at]}, {stops[at]}) {what}{previous}")
 
 
 @dataclass
