@@ -325,7 +325,7 @@ def build_rows_domain(
         tasks = (_ShardTask(shard, setting, seq_len, vocab_size, columns, int(first), chunk_rows, has_mask, out)
                  for (setting, shard, columns), first, chunk_rows in zip(shards, first_chunks, plan))
         chunks, counts, max_token_id, needs_mask = [], Counter(), -1, False
-        # ordered_map keeps up to 2 x num_workers shards in flight; the read-ahead runs two shards further.
+        # ordered_map keeps up to 2 x num_workers shards in flight; the read-ahead runs up to two shards further.
         with ReadAhead([shard.path for _, shard, _ in shards], ahead=2 * max(1, num_workers) + 2) as read_ahead, \
                 tqdm(total=rows, desc=f"converting {name}", unit="row", disable=None) as progress:
             for i, ((_, shard, _), result) in enumerate(zip(shards, ordered_map(_convert_shard, tasks, num_workers))):
