@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prolong_lit.errors import ConfigError, MissingPathError
-from prolong_lit.tokenizer_vocab import vocabulary_size_of
+from prolong_lit.tokenizer_vocab import NotATokenizer, vocabulary_size_of
 
 if TYPE_CHECKING:  # transformers is imported where a tokenizer is built or loaded: `vocabulary_size` needs neither
     from transformers import PreTrainedTokenizerBase
@@ -202,4 +202,7 @@ def vocabulary_size(path: str | Path, setting: str = "tokenizer") -> int:
     directory = tokenizer_dir(path, setting)
     if not (directory / "tokenizer.json").is_file():
         return len(load_tokenizer(directory, setting))
-    return vocabulary_size_of(directory / "tokenizer.json")
+    try:
+        return vocabulary_size_of(directory / "tokenizer.json")
+    except NotATokenizer as err:
+        raise ConfigError(f"{setting}: {err}; give a Hugging Face tokenizer directory") from err

@@ -25,15 +25,25 @@ class _Layout(Exception):
     """The file is not laid out as this reader expects (it then asks the tokenizers library)."""
 
 
+class NotATokenizer(ValueError):
+    """The file is not a tokenizer the tokenizers library reads."""
+
+
 def vocabulary_size_of(tokenizer_json: str | Path) -> int:
-    """len(tokenizer) of the fast tokenizer `tokenizer_json` describes."""
-    text = Path(tokenizer_json).read_bytes().decode("utf-8")  # bytes, then decode: text mode is 4x slower here
+    """len(tokenizer) of the fast tokenizer `tokenizer_json` describes; NotATokenizer for a file that is none."""
+    try:
+        text = Path(tokenizer_json).read_bytes().decode("utf-8")  # bytes, then decode: text mode is 4x slower here
+    except UnicodeDecodeError as err:
+        raise NotATokenizer(f"{tokenizer_json} is not UTF-8 text ({err})") from err
     try:
         added, vocab = _added_tokens_and_vocab(text)
     except (_Layout, ValueError, IndexError, KeyError, TypeError):
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
+        try:
+            return Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
+        except Exception as err:  # the Rust library raises a bare Exception for a malformed file
+            raise NotATokenizer(f"{tokenizer_json} is not a tokenizer the tokenizers library reads ({err})") from err
     names = set(vocab) if isinstance(vocab, dict) else {piece for piece, _score in vocab}  # Unigram: a list
     return len(names | {token["content"] for token in added})
 

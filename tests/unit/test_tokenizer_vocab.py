@@ -68,3 +68,12 @@ def test_other_layouts_give_the_same_size(tmp_path, layout):
 def test_a_missing_directory_names_the_setting(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^tokenizer: tokenizer directory '.*nowhere' does not exist"):
         vocabulary_size(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("content", [b'{"model": {"type": "BPE"}}', b"not json", b"\xff\xfe"])
+def test_a_file_that_is_no_tokenizer_is_a_config_error_naming_the_setting(tmp_path, content):
+    from prolong_lit.errors import ConfigError
+
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"^tokenizer: .*tokenizer.json is not .*; give a Hugging Face tokenizer"):
+        vocabulary_size(str(tmp_path))
