@@ -198,7 +198,10 @@ def read_shard(shard: Shard, setting: str, buffer: bytearray | None = None) -> t
 def _read_file(path: Path, buffer: bytearray, expected: int) -> memoryview:
     """The file's bytes in `buffer` (grown to `expected` + 1 bytes, so a longer file shows as one)."""
     if len(buffer) < expected + 1:
-        buffer.extend(bytes(expected + 1 - len(buffer)))
+        try:
+            buffer.extend(bytes(expected + 1 - len(buffer)))
+        except BufferError:  # views of the previous shard are still alive: read into a buffer of its own
+            buffer = bytearray(expected + 1)
     view, got = memoryview(buffer), 0
     with open(path, "rb", buffering=0) as f:
         if hasattr(os, "posix_fadvise"):  # Linux: a larger readahead window

@@ -18,14 +18,13 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from prolong_lit.data.chat import check_chat_sources, render_conversation
+from prolong_lit.data.chat import check_chat_sources
 from prolong_lit.data.format import MANIFEST_NAME, DomainStats, Manifest
 from prolong_lit.data.packing import (
     MODES,
@@ -35,9 +34,9 @@ from prolong_lit.data.packing import (
     max_token_id,
     plan_samples,
 )
-from prolong_lit.data.pool import ordered_map
 from prolong_lit.data.rows import MDS_SOURCE, ROWS_MODE, RowStore, build_rows_domain, check_rows_domain
-from prolong_lit.data.sources import CHAT_SOURCE_TYPES, Conversation, SourceConfig, iter_documents, validate_source
+from prolong_lit.data.sources import CHAT_SOURCE_TYPES, SourceConfig, iter_documents, validate_source
+from prolong_lit.data.tokenize import tokenize_documents
 from prolong_lit.data.verify import INCOMPLETE_MARKER
 from prolong_lit.data.write import disk_errors, scratch_folder, write_domain
 from prolong_lit.errors import ConfigError, DataError
@@ -51,8 +50,6 @@ log = logging.getLogger(__name__)
 LLAMA3_EOS = "<|end_of_text|>"
 # INCOMPLETE_MARKER (verify.py): written into output_dir while domains are being written, removed once the
 # manifest is: a directory holding it (or a manifest) is ours to replace with --overwrite.
-BATCH_DOCS = 64  # documents per tokenization task
-BATCH_CHARS = 4_000_000  # ... or fewer, when they are long (whole repositories)
 
 
 @dataclass
@@ -285,57 +282,6 @@ def _eos_id(tokenizer, config: PrepareConfig) -> int | None:
     if token not in vocab:
         raise ConfigError(f"eos_token: {token!r} is not a token of tokenizer {config.tokenizer!r}")
     return tokenizer.convert_tokens_to_ids(token)
-
-
-# ---- tokenization (module-level state, so pool workers can use it) ----
-
-_TOKENIZER = None
-_EOS_ID: int | None = None
-
-
-def _init_worker(tokenizer, eos_id: int | None) -> None:
-    global _TOKENIZER, _EOS_ID
-    _TOKENIZER, _EOS_ID = tokenizer, eos_id
-
-
-def _encode_texts(texts: list[str]) -> list[np.ndarray]:
-    if not texts:
-        return []
-    encoded = _TOKENIZER(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
-    out = []
-    for ids in encoded:
-        if _EOS_ID is not None and (not ids or ids[-1] != _EOS_ID):
-            ids.append(_EOS_ID)
-        out.append(np.asarray(ids, np.int32))
-    return out
-
-
-def _encode(documents: list[str | Conversation]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """(token ids, loss mask or None) of each document: texts in one tokenizer call, conversations rendered."""
-    texts = iter(_encode_texts([doc for doc in documents if isinstance(doc, str)]))
-    return [(next(texts), None) if isinstance(doc, str) else render_conversation(_TOKENIZER, doc) for doc in documents]
-
-
-def _batches(documents: Iterable[str | Conversation]) -> Iterator[list[str | Conversation]]:
-    batch, chars = [], 0
-    for doc in documents:
-        batch.append(doc)
-        chars += len(doc) if isinstance(doc, str) else doc.num_chars
-        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def tokenize_documents(
-    documents: Iterable[str | Conversation], tokenizer, eos_id: int | None, num_workers: int
-) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """(token ids, loss mask or None) of each document, in input order, tokenized by `num_workers` processes.
-    Conversations get their chat-template rendering and assistant-token mask (see `chat.py`)."""
-    for encoded in ordered_map(_encode, _batches(documents), num_workers, window=4, initializer=_init_worker,
-                               initargs=(tokenizer, eos_id)):
-        yield from encoded
 
 
 def _build_domain(name: str, config: PrepareConfig, tokenization: Tokenization, scratch: Path) -> _Built:

@@ -335,6 +335,7 @@ def build_rows_domain(
                 max_token_id = max(max_token_id, result.max_token_id)
                 needs_mask |= result.needs_mask
                 progress.update(shard.samples)
+        _READ_BUFFER.clear()  # when this process converted (num_workers <= 1), it holds a shard's bytes no longer
         if has_mask or not needs_mask:
             break
         log.info("domain %s: a row has uncovered tokens; converting again with a loss mask", name)
