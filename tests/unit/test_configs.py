@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prolong_lit.cli import ProLongCLI
 from prolong_lit.data.prepare import PrepareConfig, parse_config
 from prolong_lit.pipeline.config import load_pipeline_config
+from prolong_lit.trainer_cli import ProLongCLI
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

@@ -52,7 +52,8 @@ def _qualified(*names: str) -> tuple[str, ...]:
     return tuple(f"{PACKAGE}.{name}" for name in names)
 
 
-ENTRY_POINTS = ("callbacks", "commands", "pipeline", "cli")  # the layers on top: nothing below may reach up
+# the layers on top: nothing below may reach up
+ENTRY_POINTS = ("callbacks", "commands", "pipeline", "cli", "trainer_cli")
 RULES = (
     Rule(f"{PACKAGE}.parallel", _qualified("model", "data", "evals", *ENTRY_POINTS)),
     Rule(f"{PACKAGE}.data", _qualified("model", "parallel", "evals", *ENTRY_POINTS)),
@@ -63,6 +64,7 @@ RULES = (
     Rule(PACKAGE, _qualified("commands"), exempt=_qualified("cli")),
     # `python -m prolong_lit` and the pipeline (which runs each phase's fit through the CLI) are the only users
     Rule(PACKAGE, _qualified("cli"), exempt=_qualified("__main__", "pipeline")),
+    Rule(PACKAGE, _qualified("trainer_cli"), exempt=_qualified("cli", "pipeline")),
 )
 
 

@@ -14,11 +14,11 @@ import pytest
 import yaml
 
 from prolong_lit.callbacks.optimizer_handoff import CarryOptimizerState
-from prolong_lit.cli import ProLongCLI
 from prolong_lit.data.mixture import block_counts
 from prolong_lit.data.prepare import parse_config
 from prolong_lit.pipeline.config import load_pipeline_config
 from prolong_lit.pipeline.run import parse_phase, phase_fit_args
+from prolong_lit.trainer_cli import ProLongCLI
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = sorted(p for p in (REPO / "configs").rglob("*.yaml") if "phases" in (yaml.safe_load(p.read_text()) or {}))

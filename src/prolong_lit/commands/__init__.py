@@ -1,4 +1,4 @@
-"""The tool subcommands of `python -m prolong_lit` (`prolong_lit.cli.TOOL_SUBCOMMANDS`), one thin module each.
+"""The tool subcommands of `python -m prolong_lit` (`prolong_lit.subcommands.TOOL_SUBCOMMANDS`), one thin module each.
 
     prepare    raw documents -> litdata shards     (library: prolong_lit.data.prepare)
     eval       long-context evaluation of a model   (library: prolong_lit.evals, prolong_lit.checkpoint)

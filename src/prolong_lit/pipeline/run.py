@@ -151,7 +151,7 @@ def phase_fit_args(config: PipelineConfig, index: int) -> list[str]:
 def parse_phase(config: PipelineConfig, index: int) -> str:
     """Phase `index`'s complete fit config as YAML, parsed and checked by the `fit` parser (nothing is built);
     a clear error naming the phase if it does not parse."""
-    from prolong_lit.cli import ProLongCLI
+    from prolong_lit.trainer_cli import ProLongCLI
 
     phase = config.phases[index]
     try:
@@ -304,7 +304,7 @@ def _fit(phase: PhaseConfig, fit_path: Path, resume: Path | None,
          final: Path) -> tuple[int, int | None, dict[str, float]]:
     """Run `fit --config fit_path [--ckpt_path resume]` in this process; save the final checkpoint; return
     (steps, tokens, final metrics)."""
-    from prolong_lit.cli import ProLongCLI
+    from prolong_lit.trainer_cli import ProLongCLI
 
     cli = ProLongCLI(args=["--config", str(fit_path)], run=False)
     trainer = cli.trainer
