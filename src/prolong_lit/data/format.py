@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from prolong_lit.errors import MissingPathError
+
+if TYPE_CHECKING:  # annotations only: `prepare` (which reads this module's contract) never imports torch
+    import torch
 
 MANIFEST_NAME = "manifest.json"
 INPUT_IDS = "input_ids"
