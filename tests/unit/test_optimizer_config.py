@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from prolong_lit.cli import ProLongCLI
+from prolong_lit.trainer_cli import ProLongCLI
 from prolong_lit.model.optim import AdamW, WarmupCosine
 
 REPO = Path(__file__).resolve().parents[2]
