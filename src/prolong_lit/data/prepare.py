@@ -20,7 +20,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -41,9 +41,8 @@ from prolong_lit.data.verify import INCOMPLETE_MARKER
 from prolong_lit.data.write import disk_errors, scratch_folder, write_domain
 from prolong_lit.errors import ConfigError, DataError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # jsonargparse runs this block when it reads PrepareConfig's annotations: nothing heavy here
     from jsonargparse import ArgumentParser
-    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ def _write_output(out: Path, built: dict[str, _Built], config: PrepareConfig) ->
 class Tokenization(NamedTuple):
     """What the domains need of the tokenizer."""
 
-    tokenizer: PreTrainedTokenizerBase | None  # None when no domain tokenizes (every domain is mode rows)
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase; None when no domain tokenizes (all mode rows)
     eos_id: int | None  # None without append_eos, or without a tokenizer
     vocab_size: int  # len(tokenizer)
 
