@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from prolong_lit.data.mds import check_columns, check_shard, iter_samples, read_index, read_shard
-from prolong_lit.data.rows import convert_row
+from prolong_lit.data.rows import convert_rows
 from prolong_lit.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mds"
@@ -104,6 +104,12 @@ def test_a_truncated_shard_with_a_matching_index_fails_on_its_header(tmp_path):
         read_shard(shard, "src")
 
 
+def convert_row(sample: dict, seq_len: int, vocab_size: int, where: str):
+    """One stored row through `convert_rows`: (input_ids, doc_lengths, loss mask or None, counts)."""
+    rows = convert_rows([sample], seq_len, vocab_size, lambda k: where)
+    return rows.input_ids[0], rows.doc_lengths[0], rows.masks[0], rows.counts
+
+
 def row(ids=None, spans=((0, SEQ_LEN),), mask=None, length=SEQ_LEN) -> dict:
     sample = {"input_ids": np.arange(SEQ_LEN, dtype=np.uint32) if ids is None else ids, "length": length}
     if spans is not None:
@@ -153,8 +159,6 @@ def reference_documents(spans, mask, seq_len):
 def test_a_shard_of_rows_converts_as_each_row_by_the_plain_rule():
     """convert_rows works on a whole shard's spans at once: random rows (gaps, empty spans, no spans, no indices
     column, masks) give each row's documents, mask and counts as the one-row-at-a-time rule does."""
-    from prolong_lit.data.rows import convert_rows
-
     rng = np.random.default_rng(0)
     samples, expected = [], []
     for k in range(300):

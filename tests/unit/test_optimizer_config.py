@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from prolong_lit.trainer_cli import ProLongCLI
 from prolong_lit.model.optim import AdamW, WarmupCosine
+from prolong_lit.trainer_cli import ProLongCLI
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs/demo/pretrain.yaml"

@@ -126,14 +126,6 @@ class ConvertedRows:
     max_token_id: int
 
 
-def convert_row(sample: dict, seq_len: int, vocab_size: int, where: str) -> tuple[np.ndarray, np.ndarray,
-                                                                                   np.ndarray | None, Counter]:
-    """(int32 input_ids, int32 doc_lengths, uint8 loss mask or None, counts) of one stored row: `convert_rows`
-    of that row alone."""
-    rows = convert_rows([sample], seq_len, vocab_size, lambda k: where)
-    return rows.input_ids[0], rows.doc_lengths[0], rows.masks[0], rows.counts
-
-
 def convert_rows(samples: Sequence[dict], seq_len: int, vocab_size: int, where: Callable[[int], str]) -> ConvertedRows:
     """Convert and check stored rows (see the module docstring for the rules). The per-row part is a few array
     reductions; the document spans of all the rows are checked and turned into lengths together, in arrays
@@ -204,7 +196,7 @@ def _documents(spans: list[np.ndarray], seq_len: int, where: Callable[[int], str
     runs = np.concatenate([np.stack([c_row, run_start, c_start], 1),
                            np.stack([np.arange(n), tail_start, np.full(n, seq_len)], 1)])
     runs = runs[runs[:, 2] > runs[:, 1]]
-    gaps = [(k, a, b) for k, a, b in runs[np.lexsort((runs[:, 1], runs[:, 0]))].tolist()]
+    gaps = [tuple(run) for run in runs[np.lexsort((runs[:, 1], runs[:, 0]))].tolist()]
     counts = Counter(read=len(all_spans), kept=int(covered.sum()), empty_spans=int((~covered).sum()),
                      uncovered_gaps=len(gaps), uncovered=sum(b - a for _, a, b in gaps))
     return doc_lengths, gaps, counts
@@ -301,7 +293,7 @@ def build_rows_domain(
     name: str, domain: Any, seq_len: int, vocab_size: int, num_workers: int, scratch: Path,
     chunk_bytes: str = "64MB",
 ) -> tuple[RowStore, list[np.ndarray], DomainStats]:
-    """Convert every row of the domain's mds sources (checked as in `convert_row`) into litdata chunk files of
+    """Convert every row of the domain's mds sources (checked as in `convert_rows`) into litdata chunk files of
     a complete litdata directory under `scratch` (litdata_chunks.py: each shard's chunks written by the process
     that read it, index.json last); returns the store (that directory), an empty plan (each row is a sample)
     and the domain's stats. `check_rows_domain` must have passed."""
